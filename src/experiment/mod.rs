@@ -1,0 +1,437 @@
+//! Experiment files: reading (TOML, includes), type-checking each stage's
+//! settings against its kind, and checking references, datasets and cycles,
+//! all before anything runs. Loading is two steps, as the style guide asks:
+//! [`source::read`] gives the raw merged tables; [`load`] resolves them.
+
+pub mod error;
+pub mod source;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub use error::{ErrorKind, ExperimentError, Location};
+use source::{RawField, RawStage};
+
+use crate::stages::{InputTarget, StageSettings, KINDS};
+use crate::text::{closest, did_you_mean, quoted_list};
+
+/// Fields every stage may have besides its kind's settings. `description`
+/// is documentation (not in the cache key); `seed` overrides the experiment's.
+const COMMON_FIELDS: [&str; 3] = ["kind", "seed", "description"];
+
+/// Default experiment seed when `[experiment] seed` is not given.
+pub const DEFAULT_SEED: u64 = 0;
+
+/// A resolved, validated experiment.
+#[derive(Debug, Clone)]
+pub struct Experiment {
+    pub name: String,
+    pub description: String,
+    pub seed: u64,
+    /// The experiment file given, then the files it included.
+    pub path: PathBuf,
+    pub files: Vec<PathBuf>,
+    /// Stages by name.
+    pub stages: BTreeMap<String, Stage>,
+}
+
+/// One stage of an experiment.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub name: String,
+    pub description: Option<String>,
+    pub seed: u64,
+    pub settings: StageSettings,
+    pub at: Location,
+}
+
+/// Find an experiment by name (`experiments/NAME.toml` under `root`) or path.
+pub fn find(root: &Path, name_or_path: &str) -> Result<PathBuf, ExperimentError> {
+    let as_path = Path::new(name_or_path);
+    if name_or_path.ends_with(".toml") || name_or_path.contains('/') {
+        let path = if as_path.is_absolute() || as_path.exists() {
+            as_path.to_path_buf()
+        } else {
+            root.join(as_path)
+        };
+        if path.is_file() {
+            return Ok(path);
+        }
+    } else {
+        let path = root
+            .join("experiments")
+            .join(format!("{name_or_path}.toml"));
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    let available = available(root);
+    let mut err = ExperimentError::new(
+        ErrorKind::ExperimentNotFound,
+        None,
+        format!(
+            "no experiment `{name_or_path}` in {}{}",
+            root.join("experiments").display(),
+            did_you_mean(name_or_path, available.iter().map(String::as_str))
+        ),
+    );
+    err = err.with_help(if available.is_empty() {
+        "there are no experiment files yet: create experiments/NAME.toml".to_string()
+    } else {
+        format!("available experiments: {}", available.join(", "))
+    });
+    Err(err)
+}
+
+/// Names of the experiments under `root/experiments` (files starting with
+/// `_` are shared includes, not experiments).
+pub fn available(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = walkdir::WalkDir::new(root.join("experiments"))
+        .max_depth(1)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.strip_suffix(".toml")?.to_string();
+            (!name.starts_with('_') && e.file_type().is_file()).then_some(name)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Read, type-check and validate an experiment file. `root` is the project
+/// root that dataset paths are relative to.
+pub fn load(path: &Path, root: &Path) -> Result<Experiment, ExperimentError> {
+    let raw = source::read(path)?;
+    let header = Header::from_raw(&raw.header, path)?;
+
+    let mut stages = BTreeMap::new();
+    for (name, raw_stage) in &raw.stages {
+        let stage = resolve_stage(name, raw_stage, header.seed)?;
+        stages.insert(name.clone(), stage);
+    }
+    check_references(&stages, &raw.stages)?;
+    check_datasets(&stages, &raw.stages, root)?;
+    let experiment = Experiment {
+        name: header.name,
+        description: header.description,
+        seed: header.seed,
+        path: path.to_path_buf(),
+        files: raw.files,
+        stages,
+    };
+    crate::plan::dag::Dag::build(&experiment)?;
+    Ok(experiment)
+}
+
+struct Header {
+    name: String,
+    description: String,
+    seed: u64,
+}
+
+impl Header {
+    fn from_raw(
+        fields: &BTreeMap<String, RawField>,
+        path: &Path,
+    ) -> Result<Header, ExperimentError> {
+        let string = |key: &str| -> Result<Option<String>, ExperimentError> {
+            match fields.get(key) {
+                None => Ok(None),
+                Some(f) => f
+                    .value
+                    .as_str()
+                    .map(|s| Some(s.to_string()))
+                    .ok_or_else(|| wrong_type(f, &format!("`experiment.{key}` must be a string"))),
+            }
+        };
+        let seed = match fields.get("seed") {
+            None => DEFAULT_SEED,
+            Some(f) => f
+                .value
+                .as_integer()
+                .and_then(|i| u64::try_from(i).ok())
+                .ok_or_else(|| wrong_type(f, "`experiment.seed` must be a non-negative integer"))?,
+        };
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("experiment");
+        Ok(Header {
+            name: string("name")?.unwrap_or_else(|| stem.to_string()),
+            description: string("description")?.unwrap_or_default(),
+            seed,
+        })
+    }
+}
+
+fn wrong_type(field: &RawField, message: &str) -> ExperimentError {
+    ExperimentError::new(ErrorKind::WrongType, Some(field.value_at.clone()), message)
+}
+
+fn resolve_stage(
+    name: &str,
+    raw: &RawStage,
+    experiment_seed: u64,
+) -> Result<Stage, ExperimentError> {
+    let kind_field = raw.fields.get("kind").ok_or_else(|| {
+        ExperimentError::new(
+            ErrorKind::MissingField,
+            Some(raw.header.clone()),
+            format!("stage `{name}` has no `kind`"),
+        )
+        .with_help(format!(
+            "add kind = \"...\", one of {}",
+            quoted_list(KINDS.iter().copied())
+        ))
+    })?;
+    let kind = kind_field
+        .value
+        .as_str()
+        .ok_or_else(|| wrong_type(kind_field, "`kind` must be a string"))?;
+
+    let description = match raw.fields.get("description") {
+        None => None,
+        Some(f) => Some(
+            f.value
+                .as_str()
+                .ok_or_else(|| wrong_type(f, "`description` must be a string"))?
+                .to_string(),
+        ),
+    };
+    let seed = match raw.fields.get("seed") {
+        None => experiment_seed,
+        Some(f) => f
+            .value
+            .as_integer()
+            .and_then(|i| u64::try_from(i).ok())
+            .ok_or_else(|| wrong_type(f, "`seed` must be a non-negative integer"))?,
+    };
+
+    let table: toml::Table = raw
+        .fields
+        .iter()
+        .filter(|(k, _)| !COMMON_FIELDS.contains(&k.as_str()))
+        .map(|(k, f)| (k.clone(), f.value.clone()))
+        .collect();
+    let parsed = StageSettings::parse(kind, toml::Value::Table(table)).ok_or_else(|| {
+        ExperimentError::new(
+            ErrorKind::UnknownKind,
+            Some(kind_field.value_at.clone()),
+            format!(
+                "stage `{name}`: unknown kind `{kind}`{}",
+                did_you_mean(kind, KINDS.iter().copied())
+            ),
+        )
+        .with_help(format!(
+            "valid kinds: {}",
+            quoted_list(KINDS.iter().copied())
+        ))
+    })?;
+    let settings = parsed.map_err(|e| settings_error(name, kind, raw, e))?;
+    settings.validate().map_err(|(field, message)| {
+        let at = raw
+            .fields
+            .get(&field)
+            .map(|f| f.value_at.clone())
+            .or(Some(raw.header.clone()));
+        ExperimentError::new(
+            ErrorKind::InvalidValue,
+            at,
+            format!("stage `{name}`: `{field}` {message}"),
+        )
+    })?;
+    Ok(Stage {
+        name: name.to_string(),
+        description,
+        seed,
+        settings,
+        at: raw.header.clone(),
+    })
+}
+
+/// Turn a serde error on a stage's settings into a located message.
+fn settings_error(
+    stage: &str,
+    kind: &str,
+    raw: &RawStage,
+    err: serde_path_to_error::Error<toml::de::Error>,
+) -> ExperimentError {
+    let path = err.path().to_string();
+    let message = err.inner().message().to_string();
+    let top_field = path.split(['.', '[']).next().unwrap_or("").to_string();
+    let field_at = |f: &str| raw.fields.get(f).map(|x| x.value_at.clone());
+
+    if let Some(field) = backticked_after(&message, "unknown field `") {
+        let valid = expected_list(&message);
+        let mut valid_names: Vec<&str> = valid.iter().map(String::as_str).collect();
+        if path == "." || path.is_empty() {
+            valid_names.extend(COMMON_FIELDS);
+        }
+        let key_at = if path == "." || path.is_empty() {
+            raw.fields.get(&field).map(|f| f.key_at.clone())
+        } else {
+            field_at(&top_field)
+        };
+        let place = if path == "." || path.is_empty() {
+            format!("stage `{stage}` (kind `{kind}`)")
+        } else {
+            format!("`{path}` of stage `{stage}`")
+        };
+        return ExperimentError::new(
+            ErrorKind::UnknownField,
+            key_at.or(Some(raw.header.clone())),
+            format!(
+                "unknown field `{field}` in {place}{}",
+                did_you_mean(&field, valid_names.iter().copied())
+            ),
+        )
+        .with_help(format!(
+            "valid fields: {}",
+            quoted_list(valid_names.iter().copied())
+        ));
+    }
+    if let Some(field) = backticked_after(&message, "missing field `") {
+        let place = if path == "." || path.is_empty() {
+            String::new()
+        } else {
+            format!(" in `{path}`")
+        };
+        return ExperimentError::new(
+            ErrorKind::MissingField,
+            field_at(&top_field).or(Some(raw.header.clone())),
+            format!(
+                "stage `{stage}` (kind `{kind}`) is missing the required field `{field}`{place}"
+            ),
+        );
+    }
+    let is_type = message.starts_with("invalid type") || message.starts_with("invalid value");
+    ExperimentError::new(
+        if is_type {
+            ErrorKind::WrongType
+        } else {
+            ErrorKind::InvalidValue
+        },
+        field_at(&top_field).or(Some(raw.header.clone())),
+        format!("stage `{stage}`: field `{path}`: {message}"),
+    )
+}
+
+fn backticked_after(message: &str, prefix: &str) -> Option<String> {
+    let rest = message.split(prefix).nth(1)?;
+    Some(rest.split('`').next()?.to_string())
+}
+
+/// The names in serde's "expected one of `a`, `b`" tail.
+fn expected_list(message: &str) -> Vec<String> {
+    message
+        .split("expected one of ")
+        .nth(1)
+        .or_else(|| message.split("expected ").nth(1))
+        .map(|tail| {
+            tail.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn check_references(
+    stages: &BTreeMap<String, Stage>,
+    raw: &BTreeMap<String, RawStage>,
+) -> Result<(), ExperimentError> {
+    for (name, stage) in stages {
+        for input in stage.settings.inputs() {
+            let Some(target) = input.upstream() else {
+                continue;
+            };
+            let top = input.field.split(['[', '.']).next().unwrap_or(&input.field);
+            let at = raw[name].fields.get(top).map(|f| f.value_at.clone());
+            let Some(upstream) = stages.get(target) else {
+                let hint = closest(
+                    target,
+                    stages.keys().map(String::as_str).filter(|s| *s != name),
+                );
+                let mut err = ExperimentError::new(
+                    ErrorKind::MissingStage,
+                    at,
+                    format!(
+                        "stage `{name}`: `{}` names stage `{target}`, which does not exist{}",
+                        input.field,
+                        hint.map(|h| format!(" (did you mean `{h}`?)"))
+                            .unwrap_or_default()
+                    ),
+                );
+                err = err.with_help(format!(
+                    "stages in this experiment: {}",
+                    quoted_list(stages.keys().map(String::as_str))
+                ));
+                return Err(err);
+            };
+            if let InputTarget::StageFile { file, .. } = &input.target {
+                if let Some(outputs) = upstream.settings.outputs() {
+                    if !outputs.contains(file) {
+                        return Err(ExperimentError::new(
+                            ErrorKind::MissingOutput,
+                            at,
+                            format!(
+                                "stage `{name}`: `{}` reads `{file}` from stage `{target}`, which does not write it{}",
+                                input.field,
+                                did_you_mean(file, outputs.iter().map(String::as_str))
+                            ),
+                        )
+                        .with_help(format!(
+                            "stage `{target}` (kind `{}`) writes: {}",
+                            upstream.settings.kind(),
+                            outputs.join(", ")
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_datasets(
+    stages: &BTreeMap<String, Stage>,
+    raw: &BTreeMap<String, RawStage>,
+    root: &Path,
+) -> Result<(), ExperimentError> {
+    for (name, stage) in stages {
+        for input in stage.settings.inputs() {
+            let InputTarget::Path(rel) = &input.target else {
+                continue;
+            };
+            let top = input.field.split(['[', '.']).next().unwrap_or(&input.field);
+            let at = raw[name].fields.get(top).map(|f| f.value_at.clone());
+            let path = root.join(rel);
+            let problem = match std::fs::metadata(&path) {
+                Err(e) => Some(format!("cannot read it: {e}")),
+                Ok(m) if m.is_file() => std::fs::File::open(&path)
+                    .err()
+                    .map(|e| format!("cannot open it: {e}")),
+                Ok(_) => std::fs::read_dir(&path)
+                    .err()
+                    .map(|e| format!("cannot list it: {e}")),
+            };
+            if let Some(problem) = problem {
+                return Err(ExperimentError::new(
+                    ErrorKind::Dataset,
+                    at,
+                    format!(
+                        "stage `{name}`: dataset `{rel}` (field `{}`) {problem}",
+                        input.field
+                    ),
+                )
+                .with_help(format!(
+                    "dataset paths are relative to the project root {}",
+                    root.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}

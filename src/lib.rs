@@ -1,0 +1,17 @@
+//! posttrain: declarative LLM post-training experiments.
+//!
+//! An experiment file (TOML) describes a DAG of stages. [`experiment`] reads and
+//! validates it, [`plan`] resolves the DAG and computes each stage's cache key,
+//! [`store`] keeps finished stage outputs by key, [`runner`] executes what is
+//! stale, [`stages`] holds one file per stage kind, [`data`] the datasets and
+//! the synthetic assistant world, [`results`] the result tables.
+
+pub mod data;
+pub mod experiment;
+pub mod plan;
+pub mod results;
+pub mod runner;
+pub mod stages;
+pub mod store;
+pub mod text;
+pub mod time;

@@ -1,0 +1,391 @@
+//! The `posttrain` command line. Only argument parsing and dispatch live
+//! here; every command calls one library function.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use posttrain::experiment::{self, Experiment};
+use posttrain::runner::{self, Project, RunOptions, Status};
+use posttrain::text::table;
+
+#[derive(Parser)]
+#[command(
+    name = "posttrain",
+    version,
+    about = "Run LLM post-training experiments (pretrain, SFT, reward, PPO, DPO, best-of-N, eval) from TOML files",
+    long_about = "Run LLM post-training experiments from TOML files.\n\n\
+An experiment (experiments/NAME.toml) is a DAG of stages. Every stage is keyed by a blake3 hash \
+of its kind, settings, upstream keys, dataset contents and seed; `run` computes only the stages \
+whose key is not in the store yet, and `plan` says why."
+)]
+struct Cli {
+    /// Store folder for stage outputs [default: results/store; env: POSTTRAIN_STORE]
+    #[arg(long, global = true, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// No progress display or status lines
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an experiment: compute stale stages, reuse cached ones
+    Run {
+        /// Experiment name under experiments/, or a path to a .toml file
+        experiment: String,
+        /// Rebuild this stage even if it is cached (repeatable)
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// Run only this stage and the stages it depends on
+        #[arg(long, value_name = "STAGE")]
+        until: Option<String>,
+        /// Show what would run, run nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show each stage as cached or stale, and why
+    #[command(alias = "status")]
+    Plan {
+        experiment: String,
+        /// One JSON object per stage (name, kind, key, status, reasons)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stage graph
+    Dag {
+        experiment: String,
+        #[arg(long, value_enum, default_value_t = DagFormat::Text)]
+        format: DagFormat,
+    },
+    /// List the experiments under experiments/ with their stages
+    List,
+    /// Remove store entries that no experiment's last run uses
+    Gc {
+        /// Say what would be removed, remove nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Compare the last runs of experiments in one table
+    Compare {
+        #[arg(required = true)]
+        experiments: Vec<String>,
+        /// Metric columns to show (comma separated) [default: all]
+        #[arg(long, value_delimiter = ',')]
+        metrics: Vec<String>,
+        /// Sort by this column (metrics descending)
+        #[arg(long)]
+        sort: Option<String>,
+        /// Also write the table to FILE (.parquet or .csv)
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Dataset tools
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write the synthetic assistant world (all default settings) to a folder
+    Synth {
+        /// Output folder
+        #[arg(long, default_value = "datasets/assistant")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DagFormat {
+    Text,
+    Dot,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load(project: &Project, name: &str) -> Result<Experiment> {
+    let path = experiment::find(&project.root, name)?;
+    Ok(experiment::load(&path, &project.root)?)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let cwd = std::env::current_dir().context("cannot read the current folder")?;
+    let project = Project::discover(&cwd, cli.store.clone());
+    match cli.command {
+        Command::Run {
+            experiment,
+            force,
+            until,
+            dry_run,
+        } => {
+            let exp = load(&project, &experiment)?;
+            let options = RunOptions {
+                force,
+                until,
+                dry_run,
+                quiet: cli.quiet,
+            };
+            let report = runner::run(&project, &exp, &options)?;
+            print_run_report(&report, dry_run);
+        }
+        Command::Plan { experiment, json } => {
+            let exp = load(&project, &experiment)?;
+            let plan = runner::plan(&project, &exp)?;
+            for s in &plan.stages {
+                if json {
+                    let reasons: Vec<serde_json::Value> = s
+                        .reasons
+                        .iter()
+                        .map(|r| {
+                            let mut v = serde_json::to_value(r).expect("reason serializes");
+                            v["message"] = serde_json::Value::String(r.to_string());
+                            v
+                        })
+                        .collect();
+                    let line = serde_json::json!({
+                        "name": s.name, "kind": s.kind(), "key": s.key(),
+                        "status": if s.cached { "cached" } else { "stale" },
+                        "reasons": reasons,
+                    });
+                    println!("{line}");
+                }
+            }
+            if !json {
+                let rows: Vec<Vec<String>> = plan
+                    .stages
+                    .iter()
+                    .map(|s| {
+                        let why = s
+                            .reasons
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        vec![
+                            s.name.clone(),
+                            s.kind().to_string(),
+                            s.key()[..12].to_string(),
+                            if s.cached {
+                                "cached".into()
+                            } else {
+                                "stale".into()
+                            },
+                            why,
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table(&["stage", "kind", "key", "status", "why"], &rows)
+                );
+                let stale = plan.stages.iter().filter(|s| !s.cached).count();
+                if stale == 0 {
+                    println!(
+                        "\nall {} stages are cached: `posttrain run {}` would compute nothing",
+                        plan.stages.len(),
+                        exp.name
+                    );
+                } else {
+                    println!("\n{stale} of {} stages would run", plan.stages.len());
+                }
+            }
+        }
+        Command::Dag { experiment, format } => {
+            let exp = load(&project, &experiment)?;
+            let dag = posttrain::plan::Dag::build(&exp)?;
+            match format {
+                DagFormat::Text => print!("{}", dag.to_text(&exp)),
+                DagFormat::Dot => print!("{}", dag.to_dot(&exp)),
+            }
+        }
+        Command::List => {
+            let names = experiment::available(&project.root);
+            if names.is_empty() {
+                println!(
+                    "no experiments in {}",
+                    project.root.join("experiments").display()
+                );
+            }
+            let mut failed = false;
+            for name in names {
+                match load(&project, &name).and_then(|exp| Ok((runner::plan(&project, &exp)?, exp)))
+                {
+                    Ok((plan, exp)) => {
+                        let cached = plan.stages.iter().filter(|s| s.cached).count();
+                        println!(
+                            "{name}: {cached}/{} stages cached{}",
+                            plan.stages.len(),
+                            if exp.description.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" — {}", exp.description)
+                            }
+                        );
+                        for s in &plan.stages {
+                            let mark = if s.cached { "cached" } else { "stale" };
+                            println!("  {:<20} {:<12} {mark}", s.name, s.kind());
+                        }
+                    }
+                    Err(e) => {
+                        failed = true;
+                        println!("{name}: invalid: {e:#}");
+                    }
+                }
+            }
+            if failed {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Gc { dry_run } => {
+            let records = posttrain::results::record::all_records(&project.results_dir());
+            let keep = records
+                .iter()
+                .flat_map(|r| r.stages.values().map(|s| s.identity.key.clone()))
+                .collect();
+            let report = project.store.gc(&keep, dry_run).context("gc failed")?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for key in &report.entries {
+                println!("{verb} {key}");
+            }
+            for tmp in &report.temporary {
+                println!("{verb} .tmp/{tmp}");
+            }
+            println!(
+                "{verb} {} entries and {} unfinished builds ({:.1} MB); kept {} entries used by {} experiments",
+                report.entries.len(),
+                report.temporary.len(),
+                report.bytes as f64 / 1e6,
+                keep.len(),
+                records.len()
+            );
+        }
+        Command::Compare {
+            experiments,
+            metrics,
+            sort,
+            out,
+        } => {
+            use posttrain::results::compare;
+            let df = compare::compare_table(&project.root, &experiments)?;
+            let mut df = compare::select_and_sort(df, &metrics, sort.as_deref())?;
+            println!("{df}");
+            if experiments.len() == 2 {
+                let changed =
+                    compare::changed_settings(&project.root, &experiments[0], &experiments[1]);
+                if changed.is_empty() {
+                    println!("no settings differ between stages of the same name");
+                } else {
+                    let rows: Vec<Vec<String>> = changed
+                        .into_iter()
+                        .map(|(s, f, a, b)| vec![s, f, a, b])
+                        .collect();
+                    println!("settings that differ:");
+                    print!(
+                        "{}",
+                        table(&["stage", "field", &experiments[0], &experiments[1]], &rows)
+                    );
+                }
+            }
+            if let Some(path) = out {
+                compare::write_table(&mut df, &path)?;
+                eprintln!("wrote {}", path.display());
+            }
+        }
+        Command::Data(DataCommand::Synth { out, seed }) => {
+            let cfg = posttrain::data::synth::SynthConfig::default();
+            let mut data = posttrain::data::synth::generate(&cfg, seed)?;
+            posttrain::data::synth::write(&mut data, &out)?;
+            println!(
+                "wrote the synthetic world (seed {seed}) to {}",
+                out.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_run_report(report: &runner::RunReport, dry_run: bool) {
+    let rows: Vec<Vec<String>> = report
+        .stages
+        .iter()
+        .map(|s| {
+            let metrics = s
+                .metrics
+                .iter()
+                .take(4)
+                .map(|(k, v)| format!("{k}={}", format_metric(*v)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let why = s
+                .reasons
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            let detail = if s.status == Status::Cached {
+                metrics
+            } else if dry_run {
+                why
+            } else {
+                metrics
+            };
+            vec![
+                s.name.clone(),
+                s.kind.clone(),
+                s.key[..12].to_string(),
+                s.status.as_str().to_string(),
+                format!("{:.2}", s.duration_s),
+                detail,
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &["stage", "kind", "key", "status", "time_s", "metrics"],
+            &rows
+        )
+    );
+    let ran = report
+        .stages
+        .iter()
+        .filter(|s| s.status == Status::Ran)
+        .count();
+    if dry_run {
+        let would = report
+            .stages
+            .iter()
+            .filter(|s| s.status == Status::WouldRun)
+            .count();
+        println!("dry run: {would} stages would run");
+    } else if ran == 0 {
+        println!(
+            "nothing to do: every stage was cached (see why with `posttrain plan {}`)",
+            report.experiment
+        );
+    } else {
+        println!("results in {}", report.results_dir.display());
+    }
+}
+
+fn format_metric(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e12 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.4}")
+    }
+}

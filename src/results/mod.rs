@@ -1,0 +1,14 @@
+//! Result tables of experiments: `results/EXP/runs.parquet` (one row per
+//! stage of the last run), `results/EXP/last_run.json` (what each stage's
+//! key was made of, for `plan` and `gc`), and comparing experiments.
+
+pub mod compare;
+pub mod record;
+pub mod runs_table;
+
+use std::path::{Path, PathBuf};
+
+/// `results/EXP/` under the project root.
+pub fn experiment_dir(root: &Path, experiment: &str) -> PathBuf {
+    root.join("results").join(experiment)
+}

@@ -1,0 +1,85 @@
+//! What a running stage gets from the runner, and how it fails.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use indicatif::ProgressBar;
+
+use super::inputs::{DataInput, StageRef};
+
+/// Final metrics a stage reports (name -> value), stored in its manifest
+/// and in `runs.parquet`.
+pub type Metrics = BTreeMap<String, f64>;
+
+/// A stage's view of the world while it runs.
+pub struct StageContext<'a> {
+    /// The stage's name in this experiment (for messages only: not in the key).
+    pub stage: &'a str,
+    /// Project root: dataset paths are relative to it.
+    pub root: &'a Path,
+    /// Temporary folder that becomes the store entry if the stage succeeds.
+    pub out_dir: &'a Path,
+    /// The stage's seed (the experiment's unless the stage sets its own).
+    pub seed: u64,
+    /// Store entry folder of every upstream stage, by stage name.
+    pub upstream: &'a BTreeMap<String, PathBuf>,
+    /// Progress display for the stage's long steps (hidden when not a TTY).
+    pub progress: &'a ProgressBar,
+}
+
+impl StageContext<'_> {
+    /// The store entry of an upstream stage.
+    pub fn stage_dir(&self, r: &StageRef) -> Result<&Path, StageError> {
+        self.upstream
+            .get(r.name())
+            .map(PathBuf::as_path)
+            .ok_or_else(|| {
+                StageError::Failed(format!("upstream stage `{}` has no output", r.name()))
+            })
+    }
+
+    /// The file a data input points to.
+    pub fn input_path(&self, input: &DataInput) -> Result<PathBuf, StageError> {
+        match input {
+            DataInput::Path(p) => Ok(self.root.join(p)),
+            DataInput::Stage { stage, file } => {
+                let path = self.stage_dir(stage)?.join(file);
+                if !path.exists() {
+                    return Err(StageError::Failed(format!(
+                        "stage `{}` wrote no file `{file}`",
+                        stage.name()
+                    )));
+                }
+                Ok(path)
+            }
+        }
+    }
+
+    /// A path inside the stage's output folder.
+    pub fn out(&self, file: &str) -> PathBuf {
+        self.out_dir.join(file)
+    }
+}
+
+/// Why a stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl StageError {
+    pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StageError + '_ {
+        move |source| StageError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

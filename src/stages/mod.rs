@@ -1,0 +1,115 @@
+//! Stage kinds: one file per kind. Each file starts with its settings struct
+//! (every field documented with its default), then `run`.
+//!
+//! Adding a kind: write `KIND.rs` implementing [`StageKind`], and list it in
+//! the `stage_kinds!` invocation below. Bump `RECIPE_VERSION` whenever a code
+//! change alters what the stage writes: it is part of the cache key.
+
+pub mod context;
+pub mod inputs;
+pub mod synth;
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use context::{Metrics, StageContext, StageError};
+pub use inputs::{DataInput, Input, InputTarget, StageRef};
+
+/// What every stage kind provides.
+pub trait StageKind: Sized + Clone + std::fmt::Debug + Serialize + DeserializeOwned {
+    /// The `kind = "..."` string.
+    const KIND: &'static str;
+    /// Version of the code that computes this kind's output (in the cache key).
+    const RECIPE_VERSION: u32;
+    /// One line for `--help` and `list`.
+    const SUMMARY: &'static str;
+
+    /// The stages and files this stage reads (the DAG's edges).
+    fn inputs(&self) -> Vec<Input>;
+
+    /// Value checks serde cannot express: `Err((field, message))`.
+    fn validate(&self) -> Result<(), (String, String)> {
+        Ok(())
+    }
+
+    /// The files the stage always writes, when known before it runs, so that
+    /// a reference to a file of its output can be checked at load time.
+    fn outputs(&self) -> Option<Vec<String>> {
+        None
+    }
+
+    /// Compute the stage's output into `ctx.out_dir`; return final metrics.
+    fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError>;
+}
+
+macro_rules! stage_kinds {
+    ($($variant:ident => $ty:ty),* $(,)?) => {
+        /// The typed settings of one stage, by kind.
+        #[derive(Debug, Clone)]
+        pub enum StageSettings {
+            $($variant($ty)),*
+        }
+
+        /// Every stage kind, as written in `kind = "..."`.
+        pub const KINDS: &[&str] = &[$(<$ty as StageKind>::KIND),*];
+
+        /// (kind, one-line summary) for help texts.
+        pub const KIND_SUMMARIES: &[(&str, &str)] =
+            &[$((<$ty as StageKind>::KIND, <$ty as StageKind>::SUMMARY)),*];
+
+        impl StageSettings {
+            /// Parse `value` (the stage's table without `kind`, `seed`,
+            /// `description`) as settings of `kind`; `None` for an unknown kind.
+            pub fn parse(
+                kind: &str,
+                value: toml::Value,
+            ) -> Option<Result<Self, serde_path_to_error::Error<toml::de::Error>>> {
+                match kind {
+                    $(<$ty as StageKind>::KIND => Some(
+                        serde_path_to_error::deserialize(value).map(StageSettings::$variant),
+                    ),)*
+                    _ => None,
+                }
+            }
+
+            pub fn kind(&self) -> &'static str {
+                match self { $(StageSettings::$variant(_) => <$ty as StageKind>::KIND),* }
+            }
+
+            pub fn recipe_version(&self) -> u32 {
+                match self { $(StageSettings::$variant(_) => <$ty as StageKind>::RECIPE_VERSION),* }
+            }
+
+            pub fn inputs(&self) -> Vec<Input> {
+                match self { $(StageSettings::$variant(s) => s.inputs()),* }
+            }
+
+            pub fn validate(&self) -> Result<(), (String, String)> {
+                match self { $(StageSettings::$variant(s) => s.validate()),* }
+            }
+
+            pub fn outputs(&self) -> Option<Vec<String>> {
+                match self { $(StageSettings::$variant(s) => s.outputs()),* }
+            }
+
+            /// The fully resolved settings (defaults filled in) as JSON.
+            pub fn to_json(&self) -> serde_json::Value {
+                let value = match self { $(StageSettings::$variant(s) => serde_json::to_value(s)),* };
+                value.expect("stage settings always serialize to JSON")
+            }
+
+            pub fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
+                match self { $(StageSettings::$variant(s) => s.run(ctx)),* }
+            }
+        }
+    };
+}
+
+stage_kinds! {
+    Synth => synth::SynthSettings,
+}
+
+/// Final metrics of a stage, by name.
+pub type MetricMap = BTreeMap<String, f64>;
