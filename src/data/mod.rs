@@ -1,8 +1,10 @@
 //! Datasets: Parquet reading and writing with polars, and the synthetic
 //! assistant world (facts, requests, failure modes, gold labeler).
 
+pub mod chat;
 pub mod corpus;
 pub mod gold;
+pub mod prepare;
 pub mod rng;
 pub mod synth;
 pub mod world;

@@ -517,17 +517,12 @@ mod tests {
             .unwrap()
             .str()
             .unwrap()
-            .into_no_null_iter()
+            .iter()
+            .flatten()
             .map(String::from)
             .collect();
         for df in [&d.demonstrations, &d.comparisons, &d.prompts_train] {
-            for p in df
-                .column("prompt")
-                .unwrap()
-                .str()
-                .unwrap()
-                .into_no_null_iter()
-            {
+            for p in df.column("prompt").unwrap().str().unwrap().iter().flatten() {
                 assert!(!test.contains(p), "held-out prompt leaked: {p}");
             }
         }

@@ -263,32 +263,38 @@ fn settings_error(
     let field_at = |f: &str| raw.fields.get(f).map(|x| x.value_at.clone());
 
     if let Some(field) = backticked_after(&message, "unknown field `") {
-        let valid = expected_list(&message);
-        let mut valid_names: Vec<&str> = valid.iter().map(String::as_str).collect();
-        if path == "." || path.is_empty() {
-            valid_names.extend(COMMON_FIELDS);
-        }
-        let key_at = if path == "." || path.is_empty() {
-            raw.fields.get(&field).map(|f| f.key_at.clone())
-        } else {
-            field_at(&top_field)
+        // The path ends at the unknown key; what holds it is the rest.
+        let container = match path.rsplit_once('.') {
+            Some((parent, last)) if last == field => parent.to_string(),
+            _ if path == field || path == "." => String::new(),
+            _ => path.clone(),
         };
-        let place = if path == "." || path.is_empty() {
-            format!("stage `{stage}` (kind `{kind}`)")
+        let mut valid_names: Vec<String> = expected_list(&message);
+        if container.is_empty() {
+            valid_names.extend(COMMON_FIELDS.iter().map(|s| s.to_string()));
+        }
+        let (key_at, place) = if container.is_empty() {
+            (
+                raw.fields.get(&field).map(|f| f.key_at.clone()),
+                format!("stage `{stage}` (kind `{kind}`)"),
+            )
         } else {
-            format!("`{path}` of stage `{stage}`")
+            (
+                field_at(&top_field),
+                format!("`{container}` of stage `{stage}`"),
+            )
         };
         return ExperimentError::new(
             ErrorKind::UnknownField,
             key_at.or(Some(raw.header.clone())),
             format!(
                 "unknown field `{field}` in {place}{}",
-                did_you_mean(&field, valid_names.iter().copied())
+                did_you_mean(&field, valid_names.iter().map(String::as_str))
             ),
         )
         .with_help(format!(
             "valid fields: {}",
-            quoted_list(valid_names.iter().copied())
+            quoted_list(valid_names.iter().map(String::as_str))
         ));
     }
     if let Some(field) = backticked_after(&message, "missing field `") {

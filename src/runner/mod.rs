@@ -261,6 +261,14 @@ fn build(
         .store
         .begin(key)
         .map_err(store_err(format!("cannot create a build folder for {key}")))?;
+    if !options.quiet {
+        eprintln!(
+            "{:>12} {name} ({}) {}",
+            "Running",
+            planned.kind(),
+            &key[..12]
+        );
+    }
     let progress = if options.quiet {
         ProgressBar::hidden()
     } else {

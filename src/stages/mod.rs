@@ -6,8 +6,10 @@
 //! change alters what the stage writes: it is part of the cache key.
 
 pub mod context;
+pub mod dataset;
 pub mod inputs;
 pub mod synth;
+pub mod tokenizer;
 
 use std::collections::BTreeMap;
 
@@ -109,6 +111,8 @@ macro_rules! stage_kinds {
 
 stage_kinds! {
     Synth => synth::SynthSettings,
+    Dataset => dataset::DatasetSettings,
+    Tokenizer => tokenizer::TokenizerSettings,
 }
 
 /// Final metrics of a stage, by name.

@@ -1,0 +1,162 @@
+//! `tokenizer`: train a byte-level BPE tokenizer (GPT-2 style, with the
+//! tokenizers crate) on a corpus's text column, with the chat template's
+//! special tokens. Writes `tokenizer.json`, loadable by any Hugging Face
+//! tokenizer.
+//!
+//! ```toml
+//! [stages.tokenizer]
+//! kind = "tokenizer"
+//! corpus = { stage = "world", file = "corpus.parquet" }   # required
+//! vocab_size = 512
+//! ```
+
+use serde::{Deserialize, Serialize};
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::normalizers::NormalizerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, TokenizerBuilder};
+
+use super::{DataInput, Input, Metrics, StageContext, StageError, StageKind};
+use crate::data::{chat, read_parquet};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerSettings {
+    /// Parquet file (or stage output) with the training text. Required.
+    pub corpus: DataInput,
+    /// Column holding the text. Default "text".
+    #[serde(default = "default_text_column")]
+    pub text_column: String,
+    /// Vocabulary size including the 256 byte tokens and the special
+    /// tokens. Default 512.
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: usize,
+    /// A pair must occur this often to be merged. Default 2.
+    #[serde(default = "default_min_frequency")]
+    pub min_frequency: u64,
+    /// Train on at most this many documents (all when unset).
+    #[serde(default)]
+    pub max_docs: Option<usize>,
+}
+
+fn default_text_column() -> String {
+    "text".into()
+}
+fn default_vocab_size() -> usize {
+    512
+}
+fn default_min_frequency() -> u64 {
+    2
+}
+
+impl StageKind for TokenizerSettings {
+    const KIND: &'static str = "tokenizer";
+    const RECIPE_VERSION: u32 = 1;
+    const SUMMARY: &'static str = "train a byte-level BPE tokenizer on a corpus";
+
+    fn inputs(&self) -> Vec<Input> {
+        vec![Input::data("corpus", &self.corpus)]
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let min = 256 + chat::SPECIAL_TOKENS.len();
+        if self.vocab_size < min || self.vocab_size > 1 << 20 {
+            return Err((
+                "vocab_size".into(),
+                format!(
+                    "must be between {min} (bytes + special tokens) and {}, got {}",
+                    1 << 20,
+                    self.vocab_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn outputs(&self) -> Option<Vec<String>> {
+        Some(vec!["tokenizer.json".into()])
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
+        let path = ctx.input_path(&self.corpus)?;
+        let df = read_parquet(&path)?;
+        let column = df.column(&self.text_column).map_err(|_| {
+            let names: Vec<String> = df
+                .get_column_names()
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            StageError::Failed(format!(
+                "{}: no column `{}`{}; columns: {}",
+                path.display(),
+                self.text_column,
+                crate::text::did_you_mean(&self.text_column, names.iter().map(String::as_str)),
+                names.join(", ")
+            ))
+        })?;
+        let texts: Vec<String> = column
+            .str()
+            .map_err(|_| {
+                StageError::Failed(format!(
+                    "{}: column `{}` is not text",
+                    path.display(),
+                    self.text_column
+                ))
+            })?
+            .iter()
+            .flatten()
+            .take(self.max_docs.unwrap_or(usize::MAX))
+            .map(str::to_string)
+            .collect();
+        ctx.progress
+            .set_message(format!("training BPE on {} documents", texts.len()));
+
+        let special: Vec<AddedToken> = chat::SPECIAL_TOKENS
+            .iter()
+            .map(|t| AddedToken::from(t.to_string(), true))
+            .collect();
+        let mut trainer = BpeTrainerBuilder::new()
+            .show_progress(false)
+            .vocab_size(self.vocab_size)
+            .min_frequency(self.min_frequency)
+            .special_tokens(special)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build();
+        let mut tokenizer =
+            TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
+                .with_model(BPE::default())
+                .with_normalizer(None)
+                .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+                .with_post_processor(Some(ByteLevel::new(false, true, true)))
+                .with_decoder(Some(ByteLevel::new(false, true, true)))
+                .build()
+                .map_err(|e| StageError::Failed(format!("cannot build tokenizer: {e}")))?;
+        tokenizer
+            .train(&mut trainer, texts.iter())
+            .map_err(|e| StageError::Failed(format!("BPE training failed: {e}")))?;
+
+        let out = ctx.out("tokenizer.json");
+        tokenizer
+            .save(&out, true)
+            .map_err(|e| StageError::Failed(format!("cannot save {}: {e}", out.display())))?;
+
+        // How well it compresses the corpus: bytes per token.
+        let sample: Vec<&String> = texts.iter().take(500).collect();
+        let (mut bytes, mut tokens) = (0usize, 0usize);
+        for text in &sample {
+            let enc = tokenizer
+                .encode(text.as_str(), false)
+                .map_err(|e| StageError::Failed(format!("cannot encode: {e}")))?;
+            bytes += text.len();
+            tokens += enc.len();
+        }
+        let mut metrics = Metrics::new();
+        metrics.insert("vocab_size".into(), tokenizer.get_vocab_size(true) as f64);
+        metrics.insert("documents".into(), texts.len() as f64);
+        metrics.insert(
+            "bytes_per_token".into(),
+            bytes as f64 / tokens.max(1) as f64,
+        );
+        Ok(metrics)
+    }
+}
