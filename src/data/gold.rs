@@ -100,7 +100,7 @@ impl<'w> GoldLabeler<'w> {
         let has = |w: &str| {
             let w = w.to_lowercase();
             if w.chars().all(|c| c.is_ascii_digit()) {
-                response_words.iter().any(|x| *x == w)
+                response_words.contains(&w)
             } else {
                 lower.contains(&w)
             }

@@ -33,9 +33,12 @@ pub enum CompareError {
     Polars(#[from] PolarsError),
 }
 
+/// Id columns, duration and metrics of one stage row.
+type CompareRow = (BTreeMap<&'static str, String>, f64, BTreeMap<String, f64>);
+
 /// One wide table of the experiments' runs.
 pub fn compare_table(root: &Path, experiments: &[String]) -> Result<DataFrame, CompareError> {
-    let mut rows: Vec<(BTreeMap<&str, String>, f64, BTreeMap<String, f64>)> = Vec::new();
+    let mut rows: Vec<CompareRow> = Vec::new();
     let mut frames = Vec::new();
     for exp in experiments {
         let dir = super::experiment_dir(root, exp);
