@@ -281,6 +281,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out,
         } => {
             use posttrain::results::compare;
+            set_table_format();
             let df = compare::compare_table(&project.root, &experiments)?;
             let mut df = compare::select_and_sort(df, &metrics, sort.as_deref())?;
             println!("{df}");
@@ -317,6 +318,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Polars' table printing: every column, no shape line, no dtype row,
+/// unless the user set these variables themselves.
+fn set_table_format() {
+    for (var, value) in [
+        ("POLARS_FMT_MAX_COLS", "-1"),
+        ("POLARS_FMT_MAX_ROWS", "50"),
+        ("POLARS_FMT_TABLE_HIDE_DATAFRAME_SHAPE_INFORMATION", "1"),
+        ("POLARS_FMT_TABLE_HIDE_COLUMN_DATA_TYPES", "1"),
+        ("POLARS_FMT_TABLE_HIDE_COLUMN_SEPARATOR", "1"),
+        ("POLARS_FMT_STR_LEN", "60"),
+        ("POLARS_TABLE_WIDTH", "220"),
+    ] {
+        if std::env::var_os(var).is_none() {
+            std::env::set_var(var, value);
+        }
+    }
 }
 
 fn print_run_report(report: &runner::RunReport, dry_run: bool) {

@@ -343,3 +343,40 @@ fn dag_list_and_gc() {
     p.ok(&["run", "chain"]);
     assert!(p.ran("chain").is_empty());
 }
+
+#[test]
+fn compare_shows_experiments_side_by_side_and_what_differs() {
+    let p = project();
+    p.write("experiments/other.toml", &chain(60));
+    p.ok(&["run", "chain"]);
+    p.ok(&["run", "other"]);
+    let out = p.ok(&["compare", "chain", "other", "--metrics", "rows_out", "--sort", "rows_out", "--out", "cmp.csv"]);
+    assert!(out.contains("chain") && out.contains("other"), "{out}");
+    assert!(out.contains("settings that differ"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("forum") && l.contains("max_rows") && l.contains("100") && l.contains("60")), "{out}");
+    let csv = std::fs::read_to_string(p.path("cmp.csv")).unwrap();
+    assert_eq!(csv.lines().next().unwrap(), "experiment,stage,kind,status,duration_s,rows_out");
+    assert_eq!(csv.lines().count(), 9, "{csv}");
+    let err = p.fails(&["compare", "chain", "--sort", "row_out"]);
+    assert!(err.contains("no column `row_out` in the comparison (did you mean `rows_out`?)"), "{err}");
+    let err = p.fails(&["compare", "chain", "nothing"]);
+    assert!(err.contains("experiment `nothing` has no results yet"), "{err}");
+}
+
+#[test]
+fn store_can_move_and_experiments_can_be_given_by_path() {
+    let p = project();
+    p.write("elsewhere/exp.toml", &format!("[stages.world]\nkind = \"synth\"\n{SMALL_WORLD}"));
+    let shared = p.path("shared-store");
+    let out = p
+        .command(&["run", "elsewhere/exp.toml"])
+        .env("POSTTRAIN_STORE", &shared)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!p.path("results/store").exists());
+    let store = posttrain::store::Store::new(&shared);
+    assert_eq!(store.keys().unwrap().len(), 1);
+    p.ok(&["run", "elsewhere/exp.toml", "--store", shared.to_str().unwrap()]);
+    assert!(p.ran("exp").is_empty(), "the moved store was reused");
+}
