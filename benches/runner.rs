@@ -20,13 +20,11 @@ corpus_docs = 500
 
 [stages.forum]
 kind = "dataset"
-input = { stage = "world", file = "corpus.parquet" }
-dialogue_filter = true
+input = { stage = "world", file = "corpus.parquet", dialogue_filter = true }
 
 [stages.unique]
 kind = "dataset"
-input = { stage = "forum", file = "data.parquet" }
-dedup = true
+input = { stage = "forum", file = "data.parquet", dedup = true }
 
 [stages.tok]
 kind = "tokenizer"
@@ -35,13 +33,11 @@ vocab_size = 300
 
 [stages.prompts]
 kind = "dataset"
-input = "datasets/prompts.parquet"
-split = "train"
+input = { path = "datasets/prompts.parquet", split = "train" }
 
 [stages.heldout]
 kind = "dataset"
-input = "datasets/prompts.parquet"
-split = "test"
+input = { path = "datasets/prompts.parquet", split = "test" }
 "#;
 
 fn posttrain(root: &Path, args: &[&str]) -> Duration {
@@ -112,18 +108,35 @@ fn main() {
     let t = Instant::now();
     cache.hash_path(&big).unwrap();
     let first = t.elapsed().as_secs_f64();
-    let where_from = if dropped { "cold, page cache dropped" } else { "file in page cache: could not drop it" };
-    println!("hash 1 GiB, first time ({where_from}): {first:.2} s = {:.0} MB/s (goal >= 1000 MB/s)", gib / first / 1e6);
+    let where_from = if dropped {
+        "cold, page cache dropped"
+    } else {
+        "file in page cache: could not drop it"
+    };
+    println!(
+        "hash 1 GiB, first time ({where_from}): {first:.2} s = {:.0} MB/s (goal >= 1000 MB/s)",
+        gib / first / 1e6
+    );
     // Direct reads bypass the page cache: read the file once to fill it.
-    std::io::copy(&mut std::fs::File::open(&big).unwrap(), &mut std::io::sink()).unwrap();
+    std::io::copy(
+        &mut std::fs::File::open(&big).unwrap(),
+        &mut std::io::sink(),
+    )
+    .unwrap();
     let t = Instant::now();
     HashCache::in_memory().hash_path(&big).unwrap();
     let hot = t.elapsed().as_secs_f64();
-    println!("hash 1 GiB, no hash cache, file in page cache: {hot:.2} s = {:.0} MB/s", gib / hot / 1e6);
+    println!(
+        "hash 1 GiB, no hash cache, file in page cache: {hot:.2} s = {:.0} MB/s",
+        gib / hot / 1e6
+    );
     let t = Instant::now();
     cache.hash_path(&big).unwrap();
     let warm = t.elapsed().as_secs_f64();
-    println!("hash 1 GiB, warm (size+mtime+ctime+inode match): {:.3} ms", warm * 1e3);
+    println!(
+        "hash 1 GiB, warm (size+mtime+ctime+inode match): {:.3} ms",
+        warm * 1e3
+    );
     println!(
         "threads: RAYON_NUM_THREADS={}",
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset (all cores)".into())

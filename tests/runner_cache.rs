@@ -17,9 +17,7 @@ kind = "synth"
 {SMALL_WORLD}
 [stages.forum]
 kind = "dataset"
-input = {{ stage = "world", file = "corpus.parquet" }}
-dialogue_filter = true
-max_rows = {max_rows}
+input = {{ stage = "world", file = "corpus.parquet", dialogue_filter = true, max_rows = {max_rows} }}
 
 [stages.tok]
 kind = "tokenizer"
@@ -81,7 +79,7 @@ fn changed_middle_stage_reruns_it_and_descendants_and_plan_says_why() {
     let forum = by_name("forum");
     assert_eq!(forum["status"], "stale");
     assert_eq!(forum["reasons"][0]["reason"], "setting_changed");
-    assert_eq!(forum["reasons"][0]["field"], "max_rows");
+    assert_eq!(forum["reasons"][0]["field"], "input.max_rows");
     assert_eq!(forum["reasons"][0]["old"], 100);
     assert_eq!(forum["reasons"][0]["new"], 80);
     let tok = by_name("tok");
@@ -90,7 +88,7 @@ fn changed_middle_stage_reruns_it_and_descendants_and_plan_says_why() {
     assert_eq!(tok["reasons"][0]["stage"], "forum");
     let text = p.ok(&["plan", "chain"]);
     assert!(
-        text.contains("setting `max_rows` changed: 100 -> 80"),
+        text.contains("setting `input.max_rows` changed: 100 -> 80"),
         "{text}"
     );
 
@@ -110,22 +108,22 @@ fn formatting_order_comments_and_explicit_defaults_change_nothing() {
 [stages.tok]   # trailing comment
 vocab_size = 300
 min_frequency = 2          # the default
-text_column = "text"       # the default
 kind = "tokenizer"
 [stages.tok.corpus]
 file = "data.parquet"
 stage = "forum"
+text_column = "text"       # the default
 
 [stages.side]
-input = "datasets/extra.parquet"
+input = { path = "datasets/extra.parquet", dedup = false, test_fraction = 0.10 }
 kind = "dataset"
-dedup = false
-test_fraction = 0.10
 
 [stages.forum]
-max_rows = 100
 kind = "dataset"
-input = { file = "corpus.parquet", stage = "world" }
+[stages.forum.input]
+max_rows = 100
+file = "corpus.parquet"
+stage = "world"
 dialogue_filter = true
 min_turns = 2
 
@@ -207,7 +205,7 @@ fn a_failed_stage_leaves_no_complete_entry_and_is_built_next_time() {
     p.write(
         "experiments/bad.toml",
         &format!(
-            "[experiment]\nseed = 3\n[stages.world]\nkind = \"synth\"\n{SMALL_WORLD}\n[stages.tok]\nkind = \"tokenizer\"\ncorpus = {{ stage = \"world\", file = \"corpus.parquet\" }}\ntext_column = \"txt\"\n"
+            "[experiment]\nseed = 3\n[stages.world]\nkind = \"synth\"\n{SMALL_WORLD}\n[stages.tok]\nkind = \"tokenizer\"\ncorpus = {{ stage = \"world\", file = \"corpus.parquet\", columns = {{ text = \"txt\" }} }}\n"
         ),
     );
     let err = p.fails(&["run", "bad"]);
@@ -264,7 +262,7 @@ fn two_concurrent_runs_both_finish_and_build_each_stage_once() {
     let p = project();
     p.write(
         "experiments/both.toml",
-        "[stages.world]\nkind = \"synth\"\ncorpus_docs = 150000\n\n[stages.tok]\nkind = \"tokenizer\"\ncorpus = { stage = \"world\", file = \"corpus.parquet\" }\nmax_docs = 2000\nvocab_size = 300\n",
+        "[stages.world]\nkind = \"synth\"\ncorpus_docs = 150000\n\n[stages.tok]\nkind = \"tokenizer\"\ncorpus = { stage = \"world\", file = \"corpus.parquet\", max_rows = 2000 }\nvocab_size = 300\n",
     );
     let a = p.command(&["run", "both"]).output_spawn();
     let b = p.command(&["run", "both"]).output_spawn();
@@ -350,33 +348,70 @@ fn compare_shows_experiments_side_by_side_and_what_differs() {
     p.write("experiments/other.toml", &chain(60));
     p.ok(&["run", "chain"]);
     p.ok(&["run", "other"]);
-    let out = p.ok(&["compare", "chain", "other", "--metrics", "rows_out", "--sort", "rows_out", "--out", "cmp.csv"]);
+    let out = p.ok(&[
+        "compare",
+        "chain",
+        "other",
+        "--metrics",
+        "rows_out",
+        "--sort",
+        "rows_out",
+        "--out",
+        "cmp.csv",
+    ]);
     assert!(out.contains("chain") && out.contains("other"), "{out}");
     assert!(out.contains("settings that differ"), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("forum") && l.contains("max_rows") && l.contains("100") && l.contains("60")), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("forum")
+            && l.contains("input.max_rows")
+            && l.contains("100")
+            && l.contains("60")),
+        "{out}"
+    );
     let csv = std::fs::read_to_string(p.path("cmp.csv")).unwrap();
-    assert_eq!(csv.lines().next().unwrap(), "experiment,stage,kind,status,duration_s,rows_out");
+    assert_eq!(
+        csv.lines().next().unwrap(),
+        "experiment,stage,kind,status,duration_s,rows_out"
+    );
     assert_eq!(csv.lines().count(), 9, "{csv}");
     let err = p.fails(&["compare", "chain", "--sort", "row_out"]);
-    assert!(err.contains("no column `row_out` in the comparison (did you mean `rows_out`?)"), "{err}");
+    assert!(
+        err.contains("no column `row_out` in the comparison (did you mean `rows_out`?)"),
+        "{err}"
+    );
     let err = p.fails(&["compare", "chain", "nothing"]);
-    assert!(err.contains("experiment `nothing` has no results yet"), "{err}");
+    assert!(
+        err.contains("experiment `nothing` has no results yet"),
+        "{err}"
+    );
 }
 
 #[test]
 fn store_can_move_and_experiments_can_be_given_by_path() {
     let p = project();
-    p.write("elsewhere/exp.toml", &format!("[stages.world]\nkind = \"synth\"\n{SMALL_WORLD}"));
+    p.write(
+        "elsewhere/exp.toml",
+        &format!("[stages.world]\nkind = \"synth\"\n{SMALL_WORLD}"),
+    );
     let shared = p.path("shared-store");
     let out = p
         .command(&["run", "elsewhere/exp.toml"])
         .env("POSTTRAIN_STORE", &shared)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!p.path("results/store").exists());
     let store = posttrain::store::Store::new(&shared);
     assert_eq!(store.keys().unwrap().len(), 1);
-    p.ok(&["run", "elsewhere/exp.toml", "--store", shared.to_str().unwrap()]);
+    p.ok(&[
+        "run",
+        "elsewhere/exp.toml",
+        "--store",
+        shared.to_str().unwrap(),
+    ]);
     assert!(p.ran("exp").is_empty(), "the moved store was reused");
 }

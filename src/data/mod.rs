@@ -3,9 +3,11 @@
 
 pub mod chat;
 pub mod corpus;
+pub mod formats;
 pub mod gold;
 pub mod prepare;
 pub mod rng;
+pub mod source;
 pub mod synth;
 pub mod world;
 
@@ -48,6 +50,37 @@ pub fn write_parquet(df: &mut DataFrame, path: &Path) -> Result<(), DataError> {
             message: format!("cannot write Parquet: {e}"),
         })?;
     Ok(())
+}
+
+/// Read a Parquet file, or every `*.parquet` file of a folder (sorted by
+/// name, walked recursively) stacked into one frame.
+pub fn read_parquet_path(path: &Path) -> Result<DataFrame, DataError> {
+    if !path.is_dir() {
+        return read_parquet(path);
+    }
+    let mut files: Vec<PathBuf> = walkdir::WalkDir::new(path)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "parquet"))
+        .map(|e| e.into_path())
+        .collect();
+    files.sort();
+    let mut frames = files.iter().map(|f| read_parquet(f));
+    let Some(first) = frames.next() else {
+        return Err(DataError::Invalid {
+            path: path.to_path_buf(),
+            message: "the folder holds no .parquet files".into(),
+        });
+    };
+    let mut df = first?;
+    for (next, file) in frames.zip(files.iter().skip(1)) {
+        df.vstack_mut(&next?).map_err(|e| DataError::Invalid {
+            path: file.clone(),
+            message: format!("columns differ from {}: {e}", files[0].display()),
+        })?;
+    }
+    Ok(df)
 }
 
 /// Read a whole Parquet file.

@@ -185,7 +185,13 @@ mod direct {
         let pages = (len as usize).div_ceil(page);
         let mut resident = vec![0u8; pages];
         // SAFETY: `resident` has one byte per page of the mapped range.
-        let rc = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, len as usize, resident.as_mut_ptr()) };
+        let rc = unsafe {
+            libc::mincore(
+                map.as_ptr() as *mut libc::c_void,
+                len as usize,
+                resident.as_mut_ptr(),
+            )
+        };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -201,7 +207,10 @@ mod direct {
             let layout = Layout::from_size_align(BLOCK, ALIGN).expect("valid layout");
             // SAFETY: non-zero size; checked for null below.
             let ptr = unsafe { alloc(layout) };
-            assert!(!ptr.is_null(), "out of memory for a {BLOCK}-byte read buffer");
+            assert!(
+                !ptr.is_null(),
+                "out of memory for a {BLOCK}-byte read buffer"
+            );
             Aligned(ptr)
         }
         fn slice(&mut self) -> &mut [u8] {
@@ -213,14 +222,23 @@ mod direct {
     impl Drop for Aligned {
         fn drop(&mut self) {
             // SAFETY: allocated in `new` with this layout.
-            unsafe { dealloc(self.0, Layout::from_size_align(BLOCK, ALIGN).expect("valid layout")) }
+            unsafe {
+                dealloc(
+                    self.0,
+                    Layout::from_size_align(BLOCK, ALIGN).expect("valid layout"),
+                )
+            }
         }
     }
 
     /// Hash with a reader thread doing O_DIRECT reads; `None` when the file
     /// system refuses O_DIRECT (tmpfs), so the caller falls back.
     pub fn hash(path: &Path) -> io::Result<Option<blake3::Hash>> {
-        let mut file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
+        let mut file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
             Ok(f) => f,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
             Err(e) => return Err(e),
@@ -323,7 +341,9 @@ mod tests {
     #[test]
     fn direct_reads_hash_like_plain_blake3() {
         // Not a multiple of the block or page size, to exercise the tail.
-        let data: Vec<u8> = (0..(8 << 20) * 2 + 12_345).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..(8 << 20) * 2 + 12_345)
+            .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).unwrap();
         let path = dir.path().join("big.bin");
         std::fs::write(&path, &data).unwrap();
@@ -331,6 +351,9 @@ mod tests {
         if let Some(h) = direct::hash(&path).unwrap() {
             assert_eq!(h, expected);
         }
-        assert_eq!(hash_file_contents(&path, data.len() as u64).unwrap(), expected.to_hex().to_string());
+        assert_eq!(
+            hash_file_contents(&path, data.len() as u64).unwrap(),
+            expected.to_hex().to_string()
+        );
     }
 }

@@ -147,7 +147,7 @@ pub fn explain(new: &StageIdentity, old: Option<&StageIdentity>) -> Vec<Reason> 
 }
 
 /// Leaves of a settings object as (dotted.path, value); arrays are leaves.
-fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, Value)>) {
+pub fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, Value)>) {
     match value {
         Value::Object(map) => {
             for (k, v) in map {

@@ -160,9 +160,12 @@ pub fn changed_settings(root: &Path, a: &str, b: &str) -> Vec<(String, String, S
             continue;
         };
         let flat = |v: &serde_json::Value| -> BTreeMap<String, String> {
-            v.as_object()
-                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.to_string())).collect())
-                .unwrap_or_default()
+            let mut leaves = Vec::new();
+            crate::plan::reason::flatten("", v, &mut leaves);
+            leaves
+                .into_iter()
+                .map(|(k, v)| (k, v.to_string()))
+                .collect()
         };
         let (fa, fb) = (flat(&sa.identity.settings), flat(&sb.identity.settings));
         let fields: BTreeSet<&String> = fa.keys().chain(fb.keys()).collect();

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
 
-use super::inputs::{DataInput, StageRef};
+use super::inputs::{DataSource, StageRef};
 
 /// Final metrics a stage reports (name -> value), stored in its manifest
 /// and in `runs.parquet`.
@@ -38,21 +38,33 @@ impl StageContext<'_> {
             })
     }
 
-    /// The file a data input points to.
-    pub fn input_path(&self, input: &DataInput) -> Result<PathBuf, StageError> {
-        match input {
-            DataInput::Path(p) => Ok(self.root.join(p)),
-            DataInput::Stage { stage, file } => {
-                let path = self.stage_dir(stage)?.join(file);
+    /// The file or folder a data source points to.
+    pub fn input_path(&self, source: &DataSource) -> Result<PathBuf, StageError> {
+        match (&source.path, &source.stage, &source.file) {
+            (_, Some(stage), Some(file)) => {
+                let path = self.stage_dir(&StageRef(stage.clone()))?.join(file);
                 if !path.exists() {
                     return Err(StageError::Failed(format!(
-                        "stage `{}` wrote no file `{file}`",
-                        stage.name()
+                        "stage `{stage}` wrote no file `{file}`"
                     )));
                 }
                 Ok(path)
             }
+            (Some(p), _, _) => Ok(self.root.join(p)),
+            _ => Err(StageError::Failed(
+                "a data source has neither a path nor a stage file".into(),
+            )),
         }
+    }
+
+    /// Read a data source and apply its selection steps.
+    pub fn load(
+        &self,
+        source: &DataSource,
+    ) -> Result<(polars::prelude::DataFrame, PathBuf), StageError> {
+        let path = self.input_path(source)?;
+        let df = source.load(&path, self.seed)?;
+        Ok((df, path))
     }
 
     /// A path inside the stage's output folder.

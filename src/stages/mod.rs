@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use context::{Metrics, StageContext, StageError};
-pub use inputs::{DataInput, Input, InputTarget, StageRef};
+pub use inputs::{DataSource, Input, InputTarget, StageRef};
 
 /// What every stage kind provides.
 pub trait StageKind: Sized + Clone + std::fmt::Debug + Serialize + DeserializeOwned {

@@ -16,17 +16,16 @@ use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
-use super::{DataInput, Input, Metrics, StageContext, StageError, StageKind};
-use crate::data::{chat, read_parquet};
+use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind};
+use crate::data::{chat, formats};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizerSettings {
-    /// Parquet file (or stage output) with the training text. Required.
-    pub corpus: DataInput,
-    /// Column holding the text. Default "text".
-    #[serde(default = "default_text_column")]
-    pub text_column: String,
+    /// The training text: a corpus with a `text` column (rename another
+    /// column with `columns = { text = "body" }`, cap with `max_rows`). Required.
+    #[serde(deserialize_with = "DataSource::from_str_or_table")]
+    pub corpus: DataSource,
     /// Vocabulary size including the 256 byte tokens and the special
     /// tokens. Default 512.
     #[serde(default = "default_vocab_size")]
@@ -34,14 +33,8 @@ pub struct TokenizerSettings {
     /// A pair must occur this often to be merged. Default 2.
     #[serde(default = "default_min_frequency")]
     pub min_frequency: u64,
-    /// Train on at most this many documents (all when unset).
-    #[serde(default)]
-    pub max_docs: Option<usize>,
 }
 
-fn default_text_column() -> String {
-    "text".into()
-}
 fn default_vocab_size() -> usize {
     512
 }
@@ -78,36 +71,8 @@ impl StageKind for TokenizerSettings {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
-        let path = ctx.input_path(&self.corpus)?;
-        let df = read_parquet(&path)?;
-        let column = df.column(&self.text_column).map_err(|_| {
-            let names: Vec<String> = df
-                .get_column_names()
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            StageError::Failed(format!(
-                "{}: no column `{}`{}; columns: {}",
-                path.display(),
-                self.text_column,
-                crate::text::did_you_mean(&self.text_column, names.iter().map(String::as_str)),
-                names.join(", ")
-            ))
-        })?;
-        let texts: Vec<String> = column
-            .str()
-            .map_err(|_| {
-                StageError::Failed(format!(
-                    "{}: column `{}` is not text",
-                    path.display(),
-                    self.text_column
-                ))
-            })?
-            .iter()
-            .flatten()
-            .take(self.max_docs.unwrap_or(usize::MAX))
-            .map(str::to_string)
-            .collect();
+        let (df, path) = ctx.load(&self.corpus)?;
+        let texts = formats::load_corpus(&df, &path)?;
         ctx.progress
             .set_message(format!("training BPE on {} documents", texts.len()));
 
