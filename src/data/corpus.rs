@@ -7,7 +7,7 @@ use polars::prelude::*;
 
 use super::rng::Rng;
 use super::synth::{respond, Mode, FAILURES};
-use super::world::{Request, World, HOWTO};
+use super::world::{PromptSplit, Request, World, HOWTO};
 use super::DataError;
 
 pub fn generate(world: &World, n: usize, rng: &mut Rng) -> Result<DataFrame, DataError> {
@@ -63,7 +63,7 @@ fn forum_dialogue(world: &World, rng: &mut Rng) -> String {
     let mut lines = Vec::new();
     for _ in 0..turns {
         let req = world.random_request(rng, 0.0);
-        let prompt = world.prompt(&req, rng);
+        let prompt = world.prompt(&req, rng, PromptSplit::Train);
         // Forum answers are a mix of good ones and the usual failures.
         let mode = if rng.chance(0.5) {
             Mode::Good
@@ -82,7 +82,7 @@ fn question_list(world: &World, rng: &mut Rng) -> String {
     (0..n)
         .map(|_| {
             let req = world.random_request(rng, 0.05);
-            world.prompt(&req, rng)
+            world.prompt(&req, rng, PromptSplit::Train)
         })
         .collect::<Vec<_>>()
         .join(" ")
@@ -128,7 +128,7 @@ fn rude_post(world: &World, rng: &mut Rng) -> String {
 
 fn harmful_post(world: &World, rng: &mut Rng) -> String {
     let task = rng.below(super::world::HARMFUL.len());
-    let prompt = world.prompt(&Request::Harmful { task }, rng);
+    let prompt = world.prompt(&Request::Harmful { task }, rng, PromptSplit::Train);
     format!(
         "[A]: {prompt}\n[B]: {}",
         respond(world, &Request::Harmful { task }, Mode::Comply, rng)

@@ -311,6 +311,20 @@ fn format_of(
     }
 }
 
+/// Check that `df` is valid data of `format` (the rows are read and dropped).
+pub fn validate(df: &DataFrame, path: &Path, format: Format) -> Result<(), DataError> {
+    match format {
+        Format::Corpus => load_corpus(df, path).map(drop),
+        Format::Demonstrations | Format::Conversations => {
+            load_demonstrations(df, path, Some(format)).map(drop)
+        }
+        Format::Comparisons | Format::HhRlhf | Format::Rankings => {
+            load_comparisons(df, path, Some(format)).map(drop)
+        }
+        Format::Prompts => load_prompts(df, path).map(drop),
+    }
+}
+
 pub fn load_corpus(df: &DataFrame, path: &Path) -> Result<Vec<String>, DataError> {
     required_text(df, "text", path)
 }

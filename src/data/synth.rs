@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::gold::GoldLabeler;
 use super::rng::Rng;
-use super::world::{Request, World, HARMFUL, HOWTO, REFUSAL};
+use super::world::{PromptSplit, Request, World, HARMFUL, HOWTO, REFUSAL};
 use super::{write_parquet, DataError};
+use PromptSplit::{Test, Train};
 
 /// Settings of the synthetic world (the `synth` stage and `posttrain data synth`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,20 +212,11 @@ fn wrong_answer(world: &World, request: &Request, rng: &mut Rng) -> String {
     }
 }
 
-/// A prompt that is not in `avoid` (held-out prompts stay held out).
-fn fresh_prompt(
-    world: &World,
-    cfg: &SynthConfig,
-    rng: &mut Rng,
-    avoid: &BTreeSet<String>,
-) -> (Request, String) {
-    loop {
-        let req = world.random_request(rng, cfg.harmful_share);
-        let prompt = world.prompt(&req, rng);
-        if !avoid.contains(&prompt) {
-            return (req, prompt);
-        }
-    }
+/// A random request and its prompt in the given split's phrasing.
+fn draw(world: &World, cfg: &SynthConfig, rng: &mut Rng, split: PromptSplit) -> (Request, String) {
+    let req = world.random_request(rng, cfg.harmful_share);
+    let prompt = world.prompt(&req, rng, split);
+    (req, prompt)
 }
 
 /// The generated datasets, in memory.
@@ -257,29 +249,21 @@ pub fn generate(cfg: &SynthConfig, seed: u64) -> Result<SynthData, DataError> {
     let world = World::generate(seed, cfg.countries);
     let gold = GoldLabeler::new(&world);
 
-    // Held-out prompts first; no training file may contain them.
-    let mut rng = Rng::fork(seed, "prompts_test");
-    let mut held_out = BTreeSet::new();
-    let (mut test_prompts, mut test_cats) = (Vec::new(), Vec::new());
-    let mut attempts = 0;
-    while test_prompts.len() < cfg.prompts_test && attempts < cfg.prompts_test * 50 {
-        attempts += 1;
-        let (req, prompt) = fresh_prompt(&world, cfg, &mut rng, &BTreeSet::new());
-        if held_out.insert(prompt.clone()) {
-            test_cats.push(req.category().to_string());
-            test_prompts.push(prompt);
+    let prompts = |n: usize, rng: &mut Rng, split: PromptSplit| -> Result<DataFrame, DataError> {
+        let (mut p, mut c) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            let (req, prompt) = draw(&world, cfg, rng, split);
+            p.push(prompt);
+            c.push(req.category().to_string());
         }
-    }
-    let prompts_test = df!("prompt" => test_prompts, "category" => test_cats)?;
-
-    let mut rng = Rng::fork(seed, "prompts_train");
-    let (mut p, mut c) = (Vec::new(), Vec::new());
-    for _ in 0..cfg.prompts_train {
-        let (req, prompt) = fresh_prompt(&world, cfg, &mut rng, &held_out);
-        p.push(prompt);
-        c.push(req.category().to_string());
-    }
-    let prompts_train = df!("prompt" => p, "category" => c)?;
+        Ok(df!("prompt" => p, "category" => c)?)
+    };
+    let prompts_train = prompts(
+        cfg.prompts_train,
+        &mut Rng::fork(seed, "prompts_train"),
+        Train,
+    )?;
+    let prompts_test = prompts(cfg.prompts_test, &mut Rng::fork(seed, "prompts_test"), Test)?;
 
     let n_test = |n: usize| ((n as f64) * cfg.test_share).round() as usize;
     let demonstrations = demos(
@@ -287,14 +271,14 @@ pub fn generate(cfg: &SynthConfig, seed: u64) -> Result<SynthData, DataError> {
         cfg,
         cfg.demonstrations,
         &mut Rng::fork(seed, "demos"),
-        &held_out,
+        Train,
     )?;
     let demonstrations_test = demos(
         &world,
         cfg,
         n_test(cfg.demonstrations),
         &mut Rng::fork(seed, "demos_test"),
-        &BTreeSet::new(),
+        Test,
     )?;
     let comparisons_train = comparisons(
         &world,
@@ -302,7 +286,7 @@ pub fn generate(cfg: &SynthConfig, seed: u64) -> Result<SynthData, DataError> {
         cfg,
         cfg.comparisons,
         &mut Rng::fork(seed, "cmp"),
-        &held_out,
+        Train,
     )?;
     let comparisons_test = comparisons(
         &world,
@@ -310,9 +294,9 @@ pub fn generate(cfg: &SynthConfig, seed: u64) -> Result<SynthData, DataError> {
         cfg,
         n_test(cfg.comparisons),
         &mut Rng::fork(seed, "cmp_test"),
-        &BTreeSet::new(),
+        Test,
     )?;
-    let rankings = rankings(&world, &gold, cfg, &mut Rng::fork(seed, "rank"), &held_out)?;
+    let rankings = rankings(&world, &gold, cfg, &mut Rng::fork(seed, "rank"), Train)?;
     let corpus = super::corpus::generate(&world, cfg.corpus_docs, &mut Rng::fork(seed, "corpus"))?;
 
     Ok(SynthData {
@@ -333,12 +317,12 @@ fn demos(
     cfg: &SynthConfig,
     n: usize,
     rng: &mut Rng,
-    avoid: &BTreeSet<String>,
+    split: PromptSplit,
 ) -> Result<DataFrame, DataError> {
     const FLAWS: [Mode; 3] = [Mode::Ramble, Mode::Rude, Mode::FollowUp];
     let (mut prompts, mut responses, mut cats, mut flawed) = (vec![], vec![], vec![], vec![]);
     for _ in 0..n {
-        let (req, prompt) = fresh_prompt(world, cfg, rng, avoid);
+        let (req, prompt) = draw(world, cfg, rng, split);
         let flaw = rng.chance(cfg.demo_flaw_rate);
         let mode = if flaw { *rng.pick(&FLAWS) } else { Mode::Good };
         responses.push(respond(world, &req, mode, rng));
@@ -366,12 +350,12 @@ fn comparisons(
     cfg: &SynthConfig,
     n: usize,
     rng: &mut Rng,
-    avoid: &BTreeSet<String>,
+    split: PromptSplit,
 ) -> Result<DataFrame, DataError> {
     let (mut prompts, mut chosen, mut rejected, mut cats) = (vec![], vec![], vec![], vec![]);
     let (mut s_chosen, mut s_rejected, mut flipped) = (vec![], vec![], vec![]);
     while prompts.len() < n {
-        let (req, prompt) = fresh_prompt(world, cfg, rng, avoid);
+        let (req, prompt) = draw(world, cfg, rng, split);
         let a = any_response(world, &req, rng);
         let b = any_response(world, &req, rng);
         let (sa, sb) = (gold.score(&prompt, &a).total, gold.score(&prompt, &b).total);
@@ -403,11 +387,11 @@ fn rankings(
     gold: &GoldLabeler,
     cfg: &SynthConfig,
     rng: &mut Rng,
-    avoid: &BTreeSet<String>,
+    split: PromptSplit,
 ) -> Result<DataFrame, DataError> {
     let (mut prompts, mut lists, mut cats) = (vec![], vec![], vec![]);
     while prompts.len() < cfg.rankings {
-        let (req, prompt) = fresh_prompt(world, cfg, rng, avoid);
+        let (req, prompt) = draw(world, cfg, rng, split);
         let mut modes: Vec<Mode> = std::iter::once(Mode::Good).chain(FAILURES).collect();
         rng.shuffle(&mut modes);
         let mut scored: Vec<(f64, String)> = modes
@@ -479,7 +463,7 @@ mod tests {
         let (mut total, mut wins) = (0, 0);
         for _ in 0..2000 {
             let req = world.random_request(&mut rng, 0.2);
-            let prompt = world.prompt(&req, &mut rng);
+            let prompt = world.prompt(&req, &mut rng, Train);
             let good = gold
                 .score(&prompt, &respond(&world, &req, Mode::Good, &mut rng))
                 .total;
@@ -495,7 +479,7 @@ mod tests {
     }
 
     #[test]
-    fn small_world_has_requested_sizes_and_disjoint_test_prompts() {
+    fn small_world_has_requested_sizes_and_held_out_phrasings() {
         let cfg = SynthConfig {
             corpus_docs: 50,
             demonstrations: 40,
@@ -511,6 +495,21 @@ mod tests {
         assert_eq!(d.comparisons.height(), 30);
         assert_eq!(d.rankings.height(), 10);
         assert_eq!(d.prompts_test.height(), 15);
+        let categories: BTreeSet<String> = d
+            .demonstrations
+            .column("category")
+            .unwrap()
+            .str()
+            .unwrap()
+            .iter()
+            .flatten()
+            .map(String::from)
+            .collect();
+        assert_eq!(
+            categories.len(),
+            4,
+            "every category in training data: {categories:?}"
+        );
         let test: BTreeSet<String> = d
             .prompts_test
             .column("prompt")

@@ -1,7 +1,8 @@
 //! `dataset`: read a Parquet dataset (a file, a folder of files, or an
 //! upstream stage's file), apply its selection steps — rename columns, take
 //! a split, keep Gopher-filtered dialogues, drop duplicates, cap the rows —
-//! and write the result as `data.parquet` for later stages.
+//! check its rows in their format (declared with `format = "..."` or
+//! detected from the columns), and write `data.parquet` for later stages.
 //!
 //! ```toml
 //! [stages.dialogues]
@@ -12,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind};
+use crate::data::formats::{self, Format};
 use crate::data::{read_parquet_path, write_parquet};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +42,10 @@ impl StageKind for DatasetSettings {
         let raw = read_parquet_path(&path)?;
         let rows_in = raw.height();
         let mut df = self.input.apply(raw, &path, ctx.seed)?;
+        // Bad rows stop here, not in a later training stage.
+        if let Some(format) = self.input.format.or_else(|| Format::detect(&df)) {
+            formats::validate(&df, &path, format)?;
+        }
         write_parquet(&mut df, &ctx.out("data.parquet"))?;
         let mut metrics = Metrics::new();
         metrics.insert("rows_in".into(), rows_in as f64);

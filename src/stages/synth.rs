@@ -10,7 +10,8 @@ pub use crate::data::synth::SynthConfig as SynthSettings;
 
 impl StageKind for SynthSettings {
     const KIND: &'static str = "synth";
-    const RECIPE_VERSION: u32 = 1;
+    // 2: held-out prompts use held-out phrasings.
+    const RECIPE_VERSION: u32 = 2;
     const SUMMARY: &'static str = "generate the synthetic assistant world and its gold labeler";
 
     fn inputs(&self) -> Vec<Input> {
