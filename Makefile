@@ -33,7 +33,7 @@ test:
 	$(CARGO) test --release
 
 bench:
-	$(CARGO) bench --bench runner
+	$(CARGO) bench
 
 fmt:
 	$(CARGO) fmt

@@ -266,9 +266,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{verb} .tmp/{tmp}");
             }
             println!(
-                "{verb} {} entries and {} unfinished builds ({:.1} MB); kept {} entries used by {} experiments",
+                "{verb} {} entries, {} unfinished builds and {:.1} MB of caches ({:.1} MB in all); kept {} entries used by {} experiments",
                 report.entries.len(),
                 report.temporary.len(),
+                report.cache_bytes as f64 / 1e6,
                 report.bytes as f64 / 1e6,
                 keep.len(),
                 records.len()

@@ -252,7 +252,7 @@ fn a_killed_run_leaves_no_complete_entry_and_the_next_run_builds_it() {
     // The debris of the killed build is what gc cleans.
     let out = p.ok(&["gc"]);
     assert!(
-        out.contains("removed 0 entries and 1 unfinished builds"),
+        out.contains("removed 0 entries, 1 unfinished builds"),
         "{out}"
     );
 }

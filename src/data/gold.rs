@@ -103,7 +103,11 @@ impl<'w> GoldLabeler<'w> {
             // operands are numbers too, so "contains the result" would pass
             // "2 plus 0 is 4".
             let result = if *times { a * b } else { a + b };
-            return match response_words.iter().rev().find_map(|w| w.parse::<i64>().ok()) {
+            return match response_words
+                .iter()
+                .rev()
+                .find_map(|w| w.parse::<i64>().ok())
+            {
                 Some(n) if n == result => 2.0,
                 Some(_) => -1.0,
                 None => 0.0,

@@ -158,6 +158,15 @@ impl World {
         World { seed, countries }
     }
 
+    /// Read a `world.json` written by the synth stage.
+    pub fn load(path: &std::path::Path) -> Result<World, super::DataError> {
+        let bytes = std::fs::read(path).map_err(super::DataError::io(path))?;
+        serde_json::from_slice(&bytes).map_err(|e| super::DataError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("not a world.json: {e}"),
+        })
+    }
+
     /// A random request.
     pub fn random_request(&self, rng: &mut Rng, harmful_share: f64) -> Request {
         if rng.chance(harmful_share) {

@@ -296,6 +296,7 @@ fn build(
         root: &project.root,
         out_dir: &staging.dir,
         seed: stage.seed,
+        cache_dir: &project.store.cache_dir(),
         upstream: entries,
         progress: &progress,
     };

@@ -21,6 +21,8 @@ pub struct StageContext<'a> {
     pub out_dir: &'a Path,
     /// The stage's seed (the experiment's unless the stage sets its own).
     pub seed: u64,
+    /// Caches shared by all stages (`STORE/.cache`): tokenized datasets.
+    pub cache_dir: &'a Path,
     /// Store entry folder of every upstream stage, by stage name.
     pub upstream: &'a BTreeMap<String, PathBuf>,
     /// Progress display for the stage's long steps (hidden when not a TTY).

@@ -11,13 +11,9 @@
 //! ```
 
 use serde::{Deserialize, Serialize};
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::normalizers::NormalizerWrapper;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, TokenizerBuilder};
 
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind};
-use crate::data::{chat, formats};
+use crate::data::{chat, formats, tokenize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,7 +40,8 @@ fn default_min_frequency() -> u64 {
 
 impl StageKind for TokenizerSettings {
     const KIND: &'static str = "tokenizer";
-    const RECIPE_VERSION: u32 = 1;
+    // 2: a <|system|> special token.
+    const RECIPE_VERSION: u32 = 2;
     const SUMMARY: &'static str = "train a byte-level BPE tokenizer on a corpus";
 
     fn inputs(&self) -> Vec<Input> {
@@ -76,34 +73,10 @@ impl StageKind for TokenizerSettings {
         ctx.progress
             .set_message(format!("training BPE on {} documents", texts.len()));
 
-        let special: Vec<AddedToken> = chat::SPECIAL_TOKENS
-            .iter()
-            .map(|t| AddedToken::from(t.to_string(), true))
-            .collect();
-        let mut trainer = BpeTrainerBuilder::new()
-            .show_progress(false)
-            .vocab_size(self.vocab_size)
-            .min_frequency(self.min_frequency)
-            .special_tokens(special)
-            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-            .build();
-        let mut tokenizer =
-            TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-                .with_model(BPE::default())
-                .with_normalizer(None)
-                .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-                .with_post_processor(Some(ByteLevel::new(false, true, true)))
-                .with_decoder(Some(ByteLevel::new(false, true, true)))
-                .build()
-                .map_err(|e| StageError::Failed(format!("cannot build tokenizer: {e}")))?;
-        tokenizer
-            .train(&mut trainer, texts.iter())
-            .map_err(|e| StageError::Failed(format!("BPE training failed: {e}")))?;
-
+        let json = tokenize::train_bpe(&texts, self.vocab_size, self.min_frequency)?;
         let out = ctx.out("tokenizer.json");
-        tokenizer
-            .save(&out, true)
-            .map_err(|e| StageError::Failed(format!("cannot save {}: {e}", out.display())))?;
+        std::fs::write(&out, &json).map_err(StageError::io(&out))?;
+        let tokenizer = tokenize::load_tokenizer(&out)?.tokenizer;
 
         // How well it compresses the corpus: bytes per token.
         let sample: Vec<&String> = texts.iter().take(500).collect();

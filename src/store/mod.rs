@@ -10,6 +10,7 @@
 //! .tmp/<key>.<pid>.<n>/ entries being built (or left by a killed run)
 //! .locks/<key>.lock     held while a key is built
 //! .state/hashes.json    dataset hash cache (see plan::hash)
+//! .cache/tokens/        tokenized datasets (see data::tokenize)
 //! ```
 //!
 //! An entry is complete exactly when `<key>/manifest.json` parses and names
@@ -61,6 +62,11 @@ impl Store {
 
     pub fn state_dir(&self) -> PathBuf {
         self.dir.join(".state")
+    }
+
+    /// Content-keyed caches shared by stages (tokenized datasets).
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.join(".cache")
     }
 
     fn locks_dir(&self) -> PathBuf {
@@ -150,8 +156,8 @@ impl Store {
         Ok(keys)
     }
 
-    /// Remove entries not in `keep`, and build folders no live run holds.
-    /// Returns (removed key folders, removed temporary folders, bytes freed).
+    /// Remove entries not in `keep`, build folders no live run holds, and
+    /// the caches under `.cache/`.
     pub fn gc(&self, keep: &BTreeSet<String>, dry_run: bool) -> io::Result<GcReport> {
         let mut report = GcReport::default();
         for key in self.keys()? {
@@ -189,6 +195,15 @@ impl Store {
                 }
             }
         }
+        // Caches are only speed: gc empties them (they refill on demand).
+        let cache = self.cache_dir();
+        if cache.exists() {
+            report.cache_bytes = dir_size(&cache);
+            report.bytes += report.cache_bytes;
+            if !dry_run {
+                std::fs::remove_dir_all(&cache)?;
+            }
+        }
         Ok(report)
     }
 }
@@ -197,6 +212,8 @@ impl Store {
 pub struct GcReport {
     pub entries: Vec<String>,
     pub temporary: Vec<String>,
+    /// Bytes of content-keyed caches (tokenized datasets) removed.
+    pub cache_bytes: u64,
     pub bytes: u64,
 }
 
