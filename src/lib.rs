@@ -4,10 +4,12 @@
 //! validates it, [`plan`] resolves the DAG and computes each stage's cache key,
 //! [`store`] keeps finished stage outputs by key, [`runner`] executes what is
 //! stale, [`stages`] holds one file per stage kind, [`data`] the datasets and
-//! the synthetic assistant world, [`results`] the result tables.
+//! the synthetic assistant world, [`model`] the Llama in dfdx, [`results`]
+//! the result tables.
 
 pub mod data;
 pub mod experiment;
+pub mod model;
 pub mod plan;
 pub mod results;
 pub mod runner;

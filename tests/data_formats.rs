@@ -299,3 +299,56 @@ fn dataset_stage_refuses_bad_rows_and_stores_nothing() {
     let store = posttrain::store::Store::new(dir.path().join("results/store"));
     assert!(store.keys().unwrap().iter().all(|k| !store.is_complete(k)));
 }
+
+#[test]
+fn prompt_completion_columns_are_demonstrations() {
+    let df = df!("prompt" => ["What is 1 plus 1?"], "completion" => ["1 plus 1 is 2."]).unwrap();
+    assert_eq!(Format::detect(&df), Some(Format::Demonstrations));
+    let rows = formats::load_demonstrations(&df, Path::new("pc.parquet"), None).unwrap();
+    assert_eq!(
+        rows,
+        vec![Demonstration {
+            prompt: vec![user("What is 1 plus 1?")],
+            response: "1 plus 1 is 2.".into()
+        }]
+    );
+}
+
+#[test]
+fn selection_steps_filter_dedup_and_cap_in_order() {
+    let texts = [
+        "[A]: What is 1 plus 1?\n[B]: 1 plus 1 is 2.",
+        "just prose, no dialogue",
+        "[A]: What is 1 plus 1?\n[B]: 1 plus 1 is 2.",
+        "[A]: Hi?\n[A]: Hi again?",
+        "[A]: How do I make tea?\n[B]: Boil water.",
+        "[A]: Which colour is the flag of Kaloia?\n[B]: Red.",
+    ];
+    let df = df!("text" => texts).unwrap();
+    let source = DataSource {
+        dialogue_filter: true,
+        dedup: true,
+        max_rows: Some(2),
+        ..DataSource::path("x")
+    };
+    let out = source.apply(df, Path::new("x.parquet"), 0).unwrap();
+    let kept = formats::load_corpus(&out, Path::new("x.parquet")).unwrap();
+    assert_eq!(kept, [texts[0], texts[4]]);
+}
+
+#[test]
+fn seeded_random_split_partitions_the_rows() {
+    let n = 1000;
+    let df = df!("prompt" => (0..n).map(|i| format!("p{i}")).collect::<Vec<_>>()).unwrap();
+    let side = |split| {
+        let s = DataSource {
+            split: Some(split),
+            test_fraction: 0.2,
+            ..DataSource::path("x")
+        };
+        s.apply(df.clone(), Path::new("x"), 7).unwrap().height()
+    };
+    let (train, test) = (side(Split::Train), side(Split::Test));
+    assert_eq!(train + test, n);
+    assert!((150..250).contains(&test), "{test}");
+}

@@ -1,0 +1,460 @@
+//! The Llama decoder's forward pass in dfdx, as Hugging Face's
+//! `LlamaForCausalLM` computes it: token embedding; per layer RMSNorm ->
+//! grouped-query causal self-attention with rotary embeddings (the
+//! `rotate_half` convention: the two halves of each head) -> residual ->
+//! RMSNorm -> SwiGLU MLP -> residual; final RMSNorm; LM head. Padding is
+//! masked out of the keys, and positions count real tokens only, so left
+//! and right padding give the same numbers as the unpadded sequence.
+//!
+//! dfdx pitfalls avoided here (see shared/notes/dfdx-0.13.md): no `slice`
+//! (its CPU backward overwrites): `rotate_half` is a matmul with a fixed
+//! signed permutation; masks use a large finite negative, not -inf; a
+//! tensor used twice is `retaped` for its second use, never combined with
+//! itself in one op.
+
+use dfdx::prelude::*;
+
+use super::params::{Layer, LlamaParams, Matrix};
+
+/// Token ids of a batch, row-major (batch, seq), and which are real tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenBatch {
+    pub ids: Vec<usize>,
+    pub mask: Vec<bool>,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl TokenBatch {
+    /// Sequences padded on the right with `pad` to the longest.
+    pub fn right_padded(rows: &[Vec<usize>], pad: usize) -> TokenBatch {
+        let seq = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut ids = Vec::with_capacity(rows.len() * seq);
+        let mut mask = Vec::with_capacity(rows.len() * seq);
+        for r in rows {
+            ids.extend(r.iter().copied().chain(std::iter::repeat(pad)).take(seq));
+            mask.extend((0..seq).map(|i| i < r.len()));
+        }
+        TokenBatch {
+            ids,
+            mask,
+            batch: rows.len(),
+            seq,
+        }
+    }
+
+    /// Sequences padded on the left (for generation: all rows end together).
+    pub fn left_padded(rows: &[Vec<usize>], pad: usize) -> TokenBatch {
+        let seq = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut ids = Vec::with_capacity(rows.len() * seq);
+        let mut mask = Vec::with_capacity(rows.len() * seq);
+        for r in rows {
+            let fill = seq - r.len();
+            ids.extend(std::iter::repeat(pad).take(fill).chain(r.iter().copied()));
+            mask.extend((0..seq).map(|i| i >= fill));
+        }
+        TokenBatch {
+            ids,
+            mask,
+            batch: rows.len(),
+            seq,
+        }
+    }
+
+    /// Position of each token: the number of real tokens before it in its row.
+    pub fn positions(&self) -> Vec<usize> {
+        let mut out = Vec::with_capacity(self.ids.len());
+        for row in self.mask.chunks(self.seq) {
+            let mut n = 0;
+            for m in row {
+                out.push(n);
+                n += usize::from(*m);
+            }
+        }
+        out
+    }
+
+    /// Index of each row's last real token.
+    pub fn last_real(&self) -> Vec<usize> {
+        self.mask
+            .chunks(self.seq)
+            .map(|row| row.iter().rposition(|m| *m).unwrap_or(0))
+            .collect()
+    }
+}
+
+pub type T3<E, D, T> = Tensor<(usize, usize, usize), E, D, T>;
+pub type T2<E, D, T> = Tensor<(usize, usize), E, D, T>;
+
+/// Constants shared by all layers of one forward pass.
+struct Rope<E: Dtype, D: Storage<E>> {
+    /// (batch, seq, head_dim)
+    cos: Tensor<(usize, usize, usize), E, D>,
+    sin: Tensor<(usize, usize, usize), E, D>,
+    /// (head_dim, head_dim): x @ rotate == rotate_half(x)
+    rotate: Tensor<(usize, usize), E, D>,
+    /// (batch, seq, seq): 0 where query i may see key j, else -1e9
+    bias: Tensor<(usize, usize, usize), E, D>,
+}
+
+const MASKED: f32 = -1e9;
+
+impl<E: Dtype + From<f32>, D: Device<E>> Rope<E, D> {
+    fn new(params: &LlamaParams<E, D>, batch: &TokenBatch, dev: &D) -> Self {
+        let cfg = &params.config;
+        let (b, s, hd) = (batch.batch, batch.seq, cfg.head_dim());
+        let half = hd / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| cfg.rope_theta.powf(-(2.0 * i as f64) / hd as f64))
+            .collect();
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(b * s * hd),
+            Vec::with_capacity(b * s * hd),
+        );
+        for pos in batch.positions() {
+            for j in 0..hd {
+                let angle = pos as f64 * inv_freq[j % half];
+                cos.push(E::from(angle.cos() as f32));
+                sin.push(E::from(angle.sin() as f32));
+            }
+        }
+        let mut rotate = vec![E::from(0.0); hd * hd];
+        for j in 0..half {
+            rotate[(j + half) * hd + j] = E::from(-1.0);
+            rotate[j * hd + j + half] = E::from(1.0);
+        }
+        let mut bias = Vec::with_capacity(b * s * s);
+        for row in 0..b {
+            for i in 0..s {
+                for j in 0..s {
+                    let visible = j <= i && batch.mask[row * s + j];
+                    bias.push(E::from(if visible { 0.0 } else { MASKED }));
+                }
+            }
+        }
+        Rope {
+            cos: dev.tensor_from_vec(cos, (b, s, hd)),
+            sin: dev.tensor_from_vec(sin, (b, s, hd)),
+            rotate: dev.tensor_from_vec(rotate, (hd, hd)),
+            bias: dev.tensor_from_vec(bias, (b, s, s)),
+        }
+    }
+}
+
+/// x (B, S, K) @ w^T for a weight w (N, K): (B, S, N).
+fn linear<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+    x: T3<E, D, T>,
+    w: &Matrix<E, D>,
+) -> T3<E, D, T> {
+    x.matmul(w.retaped::<T>().permute::<_, Axes2<1, 0>>())
+}
+
+/// RMSNorm over the last axis with a (1, H) weight.
+fn rms_norm<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+    x: T3<E, D, T>,
+    w: &Matrix<E, D>,
+    eps: f64,
+) -> T3<E, D, T> {
+    let shape = *x.shape();
+    let var = x.retaped::<T>().square().mean::<(usize, usize), Axis<2>>();
+    let inv = (var + E::from(eps as f32)).sqrt().recip();
+    let weight = w
+        .retaped::<T>()
+        .reshape_like(&(shape.2,))
+        .broadcast_like::<_, Axes2<0, 1>>(&shape);
+    x * inv.broadcast_like::<_, Axis<2>>(&shape) * weight
+}
+
+/// Rotary embedding of q or k laid out (B, S, heads, head_dim).
+fn rope<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
+    x: Tensor<(usize, usize, usize, usize), E, D, T>,
+    c: &Rope<E, D>,
+) -> Tensor<(usize, usize, usize, usize), E, D, T> {
+    let shape = *x.shape();
+    let (b, s, n, hd) = shape;
+    let rotated = x
+        .retaped::<T>()
+        .reshape_like(&(b * s * n, hd))
+        .matmul(c.rotate.clone())
+        .reshape_like(&shape);
+    let cos = c.cos.clone().broadcast_like::<_, Axis<2>>(&shape);
+    let sin = c.sin.clone().broadcast_like::<_, Axis<2>>(&shape);
+    x * cos + rotated * sin
+}
+
+/// (B, kv_heads, S, hd) -> (B, heads, S, hd), each kv head serving `group` query heads.
+fn repeat_kv<E: Dtype, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor<(usize, usize, usize, usize), E, D, T>,
+    group: usize,
+) -> Tensor<(usize, usize, usize, usize), E, D, T> {
+    if group == 1 {
+        return x;
+    }
+    let (b, kv, s, hd) = *x.shape();
+    x.broadcast_like::<_, Axis<2>>(&(b, kv, group, s, hd))
+        .reshape_like(&(b, kv * group, s, hd))
+}
+
+fn attention<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
+    x: T3<E, D, T>,
+    layer: &Layer<E, D>,
+    params: &LlamaParams<E, D>,
+    c: &Rope<E, D>,
+) -> T3<E, D, T> {
+    let cfg = &params.config;
+    let (b, s, _) = *x.shape();
+    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+    let q = linear(x.retaped::<T>(), &layer.q_proj).reshape_like(&(b, s, nh, hd));
+    let k = linear(x.retaped::<T>(), &layer.k_proj).reshape_like(&(b, s, nkv, hd));
+    let v = linear(x, &layer.v_proj).reshape_like(&(b, s, nkv, hd));
+    let q = rope(q, c).permute::<_, Axes4<0, 2, 1, 3>>(); // (B, nh, S, hd)
+    let k = repeat_kv(rope(k, c).permute::<_, Axes4<0, 2, 1, 3>>(), nh / nkv);
+    let v = repeat_kv(v.permute::<_, Axes4<0, 2, 1, 3>>(), nh / nkv);
+    let scale = E::from((1.0 / (hd as f64).sqrt()) as f32);
+    let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) * scale; // (B, nh, S, S)
+    let scores = scores + c.bias.clone().broadcast_like::<_, Axis<1>>(&(b, nh, s, s));
+    let out = scores.softmax::<Axis<3>>().matmul(v); // (B, nh, S, hd)
+    let out = out
+        .permute::<_, Axes4<0, 2, 1, 3>>()
+        .reshape_like(&(b, s, nh * hd));
+    linear(out, &layer.o_proj)
+}
+
+fn mlp<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+    x: T3<E, D, T>,
+    layer: &Layer<E, D>,
+) -> T3<E, D, T> {
+    let gate = linear(x.retaped::<T>(), &layer.gate_proj);
+    let up = linear(x, &layer.up_proj);
+    // SiLU(g) = g * sigmoid(g); dfdx has no silu op.
+    let silu = gate.retaped::<T>() * gate.sigmoid();
+    linear(silu * up, &layer.down_proj)
+}
+
+/// The final hidden states (after the last RMSNorm): (B, S, H).
+pub fn hidden_states<E, D, T>(
+    params: &LlamaParams<E, D>,
+    batch: &TokenBatch,
+    tape: T,
+) -> T3<E, D, T>
+where
+    E: Dtype + From<f32>,
+    D: Device<E>,
+    T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
+{
+    let dev = params.embed_tokens.device().clone();
+    let eps = params.config.rms_norm_eps;
+    let consts = Rope::new(params, batch, &dev);
+    let ids = dev.tensor_from_vec(batch.ids.clone(), (batch.batch, batch.seq));
+    let mut x: T3<E, D, T> = params.embed_tokens.clone().put_tape(tape).gather(ids);
+    for layer in &params.layers {
+        let normed = rms_norm(x.retaped::<T>(), &layer.input_layernorm, eps);
+        x = x + attention(normed, layer, params, &consts);
+        let normed = rms_norm(x.retaped::<T>(), &layer.post_attention_layernorm, eps);
+        x = x + mlp(normed, layer);
+    }
+    rms_norm(x, &params.norm, eps)
+}
+
+/// Next-token logits (B, S, vocab).
+pub fn logits<E, D, T>(params: &LlamaParams<E, D>, batch: &TokenBatch, tape: T) -> T3<E, D, T>
+where
+    E: Dtype + From<f32>,
+    D: Device<E>,
+    T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
+{
+    let h = hidden_states(params, batch, tape);
+    linear(h, params.lm_head.as_ref().unwrap_or(&params.embed_tokens))
+}
+
+/// log p(ids[t+1] | ids[..=t]) at column t: (B, S). The last column has
+/// no next token, and columns whose next token is padding are meaningless:
+/// callers weight them 0.
+pub fn token_logprobs<E, D, T>(
+    params: &LlamaParams<E, D>,
+    batch: &TokenBatch,
+    tape: T,
+) -> T2<E, D, T>
+where
+    E: Dtype + From<f32>,
+    D: Device<E>,
+    T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
+{
+    let (b, s) = (batch.batch, batch.seq);
+    let dev = params.embed_tokens.device().clone();
+    let lp = logits(params, batch, tape).log_softmax::<Axis<2>>(); // (B, S, V)
+    let mut targets = Vec::with_capacity(b * s);
+    for row in batch.ids.chunks(s) {
+        targets.extend(row[1..].iter().copied());
+        targets.push(row[s - 1]);
+    }
+    lp.select(dev.tensor_from_vec(targets, (b, s)))
+}
+
+/// The scalar head at every position (B, S): reward or value model output.
+pub fn scalar_values<E, D, T>(
+    params: &LlamaParams<E, D>,
+    batch: &TokenBatch,
+    tape: T,
+) -> T2<E, D, T>
+where
+    E: Dtype + From<f32>,
+    D: Device<E>,
+    T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
+{
+    let score = params.score.as_ref().expect("model has a score head");
+    let h = hidden_states(params, batch, tape);
+    let (b, s, _) = *h.shape();
+    linear(h, score).reshape_like(&(b, s))
+}
+
+/// The scalar head at each row's last real token (B,).
+pub fn scalar_at_last<E, D, T>(
+    params: &LlamaParams<E, D>,
+    batch: &TokenBatch,
+    tape: T,
+) -> Tensor<(usize,), E, D, T>
+where
+    E: Dtype + From<f32>,
+    D: Device<E>,
+    T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
+{
+    let dev = params.embed_tokens.device().clone();
+    let last = dev.tensor_from_vec(batch.last_real(), (batch.batch,));
+    scalar_values(params, batch, tape).select(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LlamaConfig;
+
+    type P = LlamaParams<f64, Cpu>;
+
+    fn model(tied: bool) -> P {
+        let mut cfg = LlamaConfig::tiny(11, 8, 2, 4, 2);
+        cfg.intermediate_size = 12;
+        cfg.tie_word_embeddings = tied;
+        let dev = Cpu::default();
+        let mut p = P::init(&cfg, true, 3, &dev);
+        // Norm weights away from 1 so their gradients are exercised.
+        for (name, t) in p.named_mut() {
+            if super::super::params::is_norm(&name) {
+                let v: Vec<f64> = t
+                    .as_vec()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| x + 0.1 * (i % 3) as f64)
+                    .collect();
+                t.copy_from(&v);
+            }
+        }
+        p
+    }
+
+    fn batch() -> TokenBatch {
+        TokenBatch::right_padded(&[vec![1, 4, 2, 7, 3], vec![5, 9, 2]], 0)
+    }
+
+    /// A scalar touching every parameter: weighted log-probs plus weighted
+    /// scalar-head outputs at the last real token.
+    fn loss<T: Tape<f64, Cpu> + Merge<T> + Merge<NoneTape> + Default>(
+        p: &P,
+        b: &TokenBatch,
+        tape: T,
+    ) -> Tensor<(), f64, Cpu, T> {
+        let dev = Cpu::default();
+        let (rows, s) = (b.batch, b.seq);
+        let w: Vec<f64> = (0..rows * s)
+            .map(|i| {
+                let (r, t) = (i / s, i % s);
+                let real_target = t + 1 < s && b.mask[r * s + t + 1];
+                if real_target {
+                    0.3 + 0.1 * (i % 4) as f64
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let w = dev.tensor_from_vec(w, (rows, s));
+        let u = dev.tensor_from_vec(vec![0.7, -1.3], (rows,));
+        let lp = token_logprobs(p, b, tape) * w;
+        let sc = scalar_at_last(p, b, T::default()) * u;
+        lp.sum() + sc.sum()
+    }
+
+    fn value(p: &P, b: &TokenBatch) -> f64 {
+        loss(p, b, NoneTape).array()
+    }
+
+    fn check_gradients(tied: bool) {
+        let p = model(tied);
+        let b = batch();
+        let tape: OwnedTape<f64, Cpu> = Default::default();
+        let l = loss(&p, &b, tape);
+        let grads = l.backward();
+        let h = 1e-6;
+        for (name, t) in p.named() {
+            let g = grads.get(t).as_vec();
+            let n = g.len();
+            // The largest gradient (never a vacuous check) and two fixed entries.
+            let largest = (0..n)
+                .max_by(|a, b| g[*a].abs().total_cmp(&g[*b].abs()))
+                .unwrap();
+            assert!(g[largest].abs() > 1e-6, "{name} has no gradient");
+            for k in [largest, n / 2, n - 1] {
+                let mut plus = p.clone();
+                let mut minus = p.clone();
+                for (q, sign) in [(&mut plus, 1.0), (&mut minus, -1.0)] {
+                    let target = q
+                        .named_mut()
+                        .into_iter()
+                        .find(|(m, _)| *m == name)
+                        .unwrap()
+                        .1;
+                    let mut v = target.as_vec();
+                    v[k] += sign * h;
+                    target.copy_from(&v);
+                }
+                let fd = (value(&plus, &b) - value(&minus, &b)) / (2.0 * h);
+                let err = (fd - g[k]).abs() / (fd.abs() + g[k].abs()).max(1e-8);
+                assert!(
+                    err < 1e-5 || (fd - g[k]).abs() < 1e-9,
+                    "{name}[{k}]: analytic {} vs finite difference {fd}",
+                    g[k]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_gqa_untied() {
+        check_gradients(false);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_tied() {
+        check_gradients(true);
+    }
+
+    #[test]
+    fn padding_on_either_side_gives_the_unpadded_numbers() {
+        let p = model(false);
+        let alone = TokenBatch::right_padded(&[vec![5, 9, 2]], 0);
+        let right = TokenBatch::right_padded(&[vec![1, 4, 2, 7, 3], vec![5, 9, 2]], 0);
+        let left = TokenBatch::left_padded(&[vec![1, 4, 2, 7, 3], vec![5, 9, 2]], 0);
+        let a = logits(&p, &alone, NoneTape).as_vec();
+        let r = logits(&p, &right, NoneTape).as_vec();
+        let l = logits(&p, &left, NoneTape).as_vec();
+        let v = 11;
+        // Row 1's three real tokens: right-padded at 0..3, left-padded at 2..5.
+        let row_r = &r[5 * v..5 * v + 3 * v];
+        let row_l = &l[5 * v + 2 * v..5 * v + 5 * v];
+        for ((x, y), z) in a.iter().zip(row_r).zip(row_l) {
+            assert!(
+                (x - y).abs() < 1e-10 && (x - z).abs() < 1e-10,
+                "{x} {y} {z}"
+            );
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The model: a Llama decoder in dfdx with runtime-sized configuration,
+//! Hugging Face checkpoint names, and scalar heads for reward and value
+//! models. dfdx types stay inside `model/` and `train/`.
+
+pub mod config;
+pub mod llama;
+pub mod params;
+
+pub use config::LlamaConfig;
+pub use llama::TokenBatch;
+pub use params::LlamaParams;
+
+/// The tensor device: the CPU, or CUDA with the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub type Dev = dfdx::tensor::Cpu;
+#[cfg(feature = "cuda")]
+pub type Dev = dfdx::tensor::Cuda;
