@@ -17,3 +17,4 @@ pub mod stages;
 pub mod store;
 pub mod text;
 pub mod time;
+pub mod train;

@@ -129,6 +129,13 @@ impl DataSource {
         deserializer.deserialize_any(SourceVisitor)
     }
 
+    /// `deserialize_with` for optional data fields (use with `default`).
+    pub fn optional<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<DataSource>, D::Error> {
+        DataSource::from_str_or_table(deserializer).map(Some)
+    }
+
     /// Read the data at `path` (already resolved) and apply the steps.
     pub fn load(&self, path: &Path, seed: u64) -> Result<DataFrame, DataError> {
         let df = read_parquet_path(path)?;

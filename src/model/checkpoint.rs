@@ -180,6 +180,14 @@ pub fn load<D: Device<f32>>(dir: &Path, dev: &D) -> Result<LlamaParams<f32, D>, 
     Ok(LlamaParams::from_named(cfg, tensors, with_score))
 }
 
+/// Load any Hugging Face Llama folder and write it to `dst` as posttrain
+/// saves models (f32, one `model.safetensors`); returns its config.
+pub fn normalize(src: &Path, dst: &Path) -> Result<LlamaConfig, CheckpointError> {
+    let params = load(src, &crate::model::Dev::default())?;
+    save(&params, dst)?;
+    Ok(params.config)
+}
+
 /// Little-endian weights of a dtype as f32.
 fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     let f16 = |h: u16| -> f32 {

@@ -50,7 +50,7 @@ impl TokenBatch {
         let mut mask = Vec::with_capacity(rows.len() * seq);
         for r in rows {
             let fill = seq - r.len();
-            ids.extend(std::iter::repeat(pad).take(fill).chain(r.iter().copied()));
+            ids.extend(std::iter::repeat_n(pad, fill).chain(r.iter().copied()));
             mask.extend((0..seq).map(|i| i >= fill));
         }
         TokenBatch {

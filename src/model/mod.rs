@@ -7,6 +7,7 @@ pub mod config;
 pub mod llama;
 pub mod params;
 
+pub use checkpoint::CheckpointError;
 pub use config::LlamaConfig;
 pub use llama::TokenBatch;
 pub use params::LlamaParams;

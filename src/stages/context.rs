@@ -85,6 +85,10 @@ pub enum StageError {
     },
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::model::CheckpointError),
     #[error("{0}")]
     Failed(String),
 }

@@ -8,6 +8,10 @@
 pub mod context;
 pub mod dataset;
 pub mod inputs;
+pub mod load;
+pub mod model_files;
+pub mod pretrain;
+pub mod sft;
 pub mod synth;
 pub mod tokenizer;
 
@@ -113,6 +117,9 @@ stage_kinds! {
     Synth => synth::SynthSettings,
     Dataset => dataset::DatasetSettings,
     Tokenizer => tokenizer::TokenizerSettings,
+    Pretrain => pretrain::PretrainSettings,
+    Load => load::LoadSettings,
+    Sft => sft::SftSettings,
 }
 
 /// Final metrics of a stage, by name.

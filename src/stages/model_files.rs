@@ -1,0 +1,51 @@
+//! What every model stage writes (a Hugging Face model folder) and how a
+//! downstream stage finds a model stage's files.
+
+use std::path::{Path, PathBuf};
+
+use super::{StageContext, StageError, StageRef};
+use crate::data::tokenize::{self, LoadedTokenizer};
+
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Files of a model stage's output.
+pub fn model_outputs() -> Vec<String> {
+    [
+        "config.json",
+        "model.safetensors",
+        TOKENIZER_FILE,
+        "metrics.parquet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The tokenizer of an upstream stage (a tokenizer or a model stage).
+pub fn upstream_tokenizer(
+    ctx: &StageContext,
+    stage: &StageRef,
+) -> Result<(LoadedTokenizer, PathBuf), StageError> {
+    let path = ctx.stage_dir(stage)?.join(TOKENIZER_FILE);
+    if !path.exists() {
+        return Err(StageError::Failed(format!(
+            "stage `{}` has no {TOKENIZER_FILE}: name a tokenizer stage or a model stage",
+            stage.name()
+        )));
+    }
+    Ok((tokenize::load_tokenizer(&path)?, path))
+}
+
+/// Copy the tokenizer into a model folder, so the folder is complete.
+pub fn copy_tokenizer(from: &Path, out_dir: &Path) -> Result<(), StageError> {
+    let to = out_dir.join(TOKENIZER_FILE);
+    std::fs::copy(from, &to).map_err(StageError::io(&to))?;
+    Ok(())
+}
+
+/// The id of the padding token.
+pub fn pad_id(tok: &LoadedTokenizer) -> usize {
+    tok.tokenizer
+        .token_to_id(crate::data::chat::PAD)
+        .expect("checked when loaded") as usize
+}

@@ -1,0 +1,136 @@
+//! `sft`: supervised finetuning of an upstream model on demonstrations
+//! (prompt + response, prompt + completion, or conversational `messages`),
+//! rendered with the chat template; loss on response tokens only. Held-out
+//! loss and perplexity are logged every `train.eval_every` steps.
+//!
+//! ```toml
+//! [stages.sft]
+//! kind = "sft"
+//! from = "base"                                                   # a model stage
+//! data = { stage = "world", file = "demonstrations.parquet" }
+//! eval_data = { stage = "world", file = "demonstrations_test.parquet" }
+//! train = { steps = 200, lr = 1e-3 }
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use super::model_files::{copy_tokenizer, model_outputs, pad_id, upstream_tokenizer};
+use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
+use crate::data::formats;
+use crate::data::tokenize::{self, LoadedTokenizer, TokenCache};
+use crate::train::causal_lm::{self, Init, LmData, LmExamples};
+use crate::train::optim::TrainSettings;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftSettings {
+    /// The model to finetune (a pretrain, load or sft stage). Required.
+    pub from: StageRef,
+    /// Demonstrations. Required.
+    #[serde(deserialize_with = "DataSource::from_str_or_table")]
+    pub data: DataSource,
+    /// Held-out demonstrations for eval loss and perplexity. Optional.
+    #[serde(
+        default,
+        deserialize_with = "DataSource::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub eval_data: Option<DataSource>,
+    /// Longest prompt + response in tokens; longer ones are cut. Default 128.
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    #[serde(default)]
+    pub train: TrainSettings,
+}
+
+fn default_max_len() -> usize {
+    128
+}
+
+impl StageKind for SftSettings {
+    const KIND: &'static str = "sft";
+    const RECIPE_VERSION: u32 = 1;
+    const SUMMARY: &'static str = "finetune a model on demonstrations, loss on responses only";
+
+    fn inputs(&self) -> Vec<Input> {
+        let mut inputs = vec![
+            Input::stage("from", &self.from),
+            Input::data("data", &self.data),
+        ];
+        inputs.extend(self.eval_data.as_ref().map(|e| Input::data("eval_data", e)));
+        inputs
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.max_len < 2 {
+            return Err(("max_len".into(), "must be at least 2".into()));
+        }
+        self.train.validate()
+    }
+
+    fn outputs(&self) -> Option<Vec<String>> {
+        Some(model_outputs())
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
+        let (tok, tok_path) = upstream_tokenizer(ctx, &self.from)?;
+        let mut cache = TokenCache::new(ctx.cache_dir.join("tokens"));
+        ctx.progress.set_message("tokenizing");
+        let train_data = self.examples(ctx, &self.data, &tok, &mut cache)?;
+        let eval_data = match &self.eval_data {
+            Some(e) => Some(self.examples(ctx, e, &tok, &mut cache)?),
+            None => None,
+        };
+        let mut metrics = causal_lm::train(
+            Init::Load(ctx.stage_dir(&self.from)?),
+            LmData {
+                train: &train_data,
+                eval: eval_data.as_ref(),
+                pad: pad_id(&tok),
+            },
+            &self.train,
+            ctx.seed,
+            ctx.out_dir,
+            ctx.progress,
+        )?;
+        copy_tokenizer(&tok_path, ctx.out_dir)?;
+        metrics.insert("train_examples".into(), train_data.len() as f64);
+        Ok(metrics)
+    }
+}
+
+impl SftSettings {
+    /// Prompt tokens (not trained) then response tokens (trained), cut to `max_len`.
+    fn examples(
+        &self,
+        ctx: &StageContext,
+        source: &DataSource,
+        tok: &LoadedTokenizer,
+        cache: &mut TokenCache,
+    ) -> Result<LmExamples, StageError> {
+        let (df, path) = ctx.load(source)?;
+        let rows = formats::load_demonstrations(&df, &path, source.format)?;
+        let table = tokenize::demonstrations(tok, &rows, cache)?;
+        let mut out = LmExamples::default();
+        for (prompt, response) in table.column("prompt").iter().zip(table.column("response")) {
+            let mut tokens: Vec<u32> = prompt.iter().chain(response).copied().collect();
+            let mut trained: Vec<bool> = std::iter::repeat_n(false, prompt.len())
+                .chain(std::iter::repeat_n(true, response.len()))
+                .collect();
+            tokens.truncate(self.max_len);
+            trained.truncate(self.max_len);
+            if trained.iter().any(|t| *t) {
+                out.tokens.push(tokens);
+                out.trained.push(trained);
+            }
+        }
+        if out.is_empty() {
+            return Err(StageError::Failed(format!(
+                "{}: no demonstration has a response within `max_len` = {} tokens",
+                path.display(),
+                self.max_len
+            )));
+        }
+        Ok(out)
+    }
+}

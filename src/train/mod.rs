@@ -1,0 +1,125 @@
+//! Training: the optimizer and schedule, losses, the metrics log, and one
+//! training loop that every training stage drives with its own loss.
+
+pub mod causal_lm;
+pub mod losses;
+pub mod metrics;
+pub mod optim;
+
+use std::time::Instant;
+
+use dfdx::prelude::*;
+use indicatif::ProgressBar;
+
+use crate::model::params::Matrix;
+use crate::model::LlamaParams;
+use metrics::MetricsLog;
+use optim::{global_norm, AdamW, TrainSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("training diverged at step {step}: the {what} is {value} (try a lower `train.lr` or a `train.max_grad_norm`)")]
+    NonFinite {
+        step: usize,
+        what: &'static str,
+        value: f64,
+    },
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::model::checkpoint::CheckpointError),
+}
+
+/// The loss of one micro-batch with its tape, and how many tokens it trained on.
+pub type StepLoss<D> = (Tensor<(), f32, D, OwnedTape<f32, D>>, usize);
+
+/// Train `params` for `s.steps` AdamW steps.
+///
+/// - `micro_loss(params)` draws the next micro-batch and returns its loss.
+/// - `eval(params)` returns held-out metrics, logged every `eval_every` steps and at the end.
+/// - `checkpoint(params, step)` is called every `checkpoint_every` steps.
+pub fn fit<D: Device<f32>>(
+    params: &mut LlamaParams<f32, D>,
+    s: &TrainSettings,
+    mut micro_loss: impl FnMut(&LlamaParams<f32, D>) -> Result<StepLoss<D>, TrainError>,
+    mut eval: impl FnMut(&LlamaParams<f32, D>) -> Result<Vec<(&'static str, f64)>, TrainError>,
+    mut checkpoint: impl FnMut(&LlamaParams<f32, D>, usize) -> Result<(), TrainError>,
+    log: &mut MetricsLog,
+    progress: &ProgressBar,
+) -> Result<(), TrainError> {
+    let mut opt = AdamW::new(params);
+    progress.set_length(s.steps as u64);
+    for step in 0..s.steps {
+        let clock = Instant::now();
+        let lr = s.lr_at(step);
+
+        // Micro-steps: accumulate gradients of loss / grad_accum.
+        let mut acc: Option<Vec<Matrix<f32, D>>> = None;
+        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        for _ in 0..s.grad_accum {
+            let (loss, n) = micro_loss(params)?;
+            let loss = loss * (1.0 / s.grad_accum as f32);
+            let value = loss.as_vec()[0] as f64;
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step,
+                    what: "loss",
+                    value,
+                });
+            }
+            loss_sum += value;
+            tokens += n;
+            let mut grads = loss.backward();
+            let g: Vec<Matrix<f32, D>> = params
+                .named()
+                .iter()
+                .map(|(_, t)| {
+                    // Parameters the loss does not reach get a zero gradient.
+                    grads.try_alloc_for(*t).expect("allocate a gradient");
+                    grads.get(*t)
+                })
+                .collect();
+            acc = Some(match acc {
+                None => g,
+                Some(a) => a.into_iter().zip(g).map(|(x, y)| x + y).collect(),
+            });
+        }
+        let grads = acc.expect("grad_accum >= 1");
+
+        // Clip by global norm, then step.
+        let norm = global_norm(&grads);
+        if !norm.is_finite() {
+            return Err(TrainError::NonFinite {
+                step,
+                what: "gradient norm",
+                value: norm,
+            });
+        }
+        let clip = if s.max_grad_norm > 0.0 && norm > s.max_grad_norm {
+            s.max_grad_norm / norm
+        } else {
+            1.0
+        };
+        opt.update(params, grads, lr, s, clip);
+
+        // Log.
+        let secs = clock.elapsed().as_secs_f64();
+        let mut row = vec![
+            ("loss", loss_sum),
+            ("lr", lr),
+            ("grad_norm", norm),
+            ("tokens_per_s", tokens as f64 / secs.max(1e-9)),
+        ];
+        let last = step + 1 == s.steps;
+        if last || (s.eval_every > 0 && (step + 1) % s.eval_every == 0) {
+            row.extend(eval(params)?);
+        }
+        log.log(step + 1, &row)?;
+        if s.checkpoint_every > 0 && (step + 1) % s.checkpoint_every == 0 && !last {
+            checkpoint(params, step + 1)?;
+        }
+        progress.set_position(step as u64 + 1);
+        progress.set_message(format!("loss {loss_sum:.4}"));
+    }
+    Ok(())
+}
