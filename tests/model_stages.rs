@@ -17,8 +17,7 @@ fn pretrain_then_sft_learn_and_load_reads_the_result() {
     let p = TestProject::new();
     p.write(
         "experiments/toy.toml",
-        &format!(
-            r#"[experiment]
+        r#"[experiment]
 seed = 1
 
 [stages.world]
@@ -31,26 +30,25 @@ prompts_train = 10
 prompts_test = 10
 [stages.tokenizer]
 kind = "tokenizer"
-corpus = {{ stage = "world", file = "corpus.parquet" }}
+corpus = { stage = "world", file = "corpus.parquet" }
 vocab_size = 300
 
 [stages.base]
 kind = "pretrain"
 tokenizer = "tokenizer"
-corpus = {{ stage = "world", file = "corpus.parquet" }}
+corpus = { stage = "world", file = "corpus.parquet" }
 seq_len = 32
 eval_fraction = 0.1
-model = {{ hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 4, num_key_value_heads = 2, intermediate_size = 64 }}
-train = {{ steps = 250, batch_size = 8, lr = 5e-3, warmup_steps = 20, eval_every = 125 }}
+model = { hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 4, num_key_value_heads = 2, intermediate_size = 64 }
+train = { steps = 250, batch_size = 8, lr = 5e-3, warmup_steps = 20, eval_every = 125 }
 
 [stages.sft]
 kind = "sft"
 from = "base"
-data = {{ stage = "world", file = "demonstrations.parquet" }}
-eval_data = {{ stage = "world", file = "demonstrations_test.parquet" }}
-train = {{ steps = 120, batch_size = 8, lr = 5e-3, warmup_steps = 10, eval_every = 60 }}
-"#
-        ),
+data = { stage = "world", file = "demonstrations.parquet" }
+eval_data = { stage = "world", file = "demonstrations_test.parquet" }
+train = { steps = 120, batch_size = 8, lr = 5e-3, warmup_steps = 10, eval_every = 60 }
+"#,
     );
     p.ok(&["run", "toy"]);
     let base = metrics(&p, "toy", "base");
