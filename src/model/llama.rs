@@ -87,33 +87,54 @@ pub type T3<E, D, T> = Tensor<(usize, usize, usize), E, D, T>;
 pub type T2<E, D, T> = Tensor<(usize, usize), E, D, T>;
 
 /// Constants shared by all layers of one forward pass.
-struct Rope<E: Dtype, D: Storage<E>> {
-    /// (batch, seq, head_dim)
+pub(crate) struct Rope<E: Dtype, D: Storage<E>> {
+    /// (batch, query, head_dim)
     cos: Tensor<(usize, usize, usize), E, D>,
     sin: Tensor<(usize, usize, usize), E, D>,
     /// (head_dim, head_dim): x @ rotate == rotate_half(x)
     rotate: Tensor<(usize, usize), E, D>,
-    /// (batch, seq, seq): 0 where query i may see key j, else -1e9
+    /// (batch, query, key): 0 where the query may see the key, else -1e9
     bias: Tensor<(usize, usize, usize), E, D>,
 }
 
 const MASKED: f32 = -1e9;
 
 impl<E: Dtype + From<f32>, D: Device<E>> Rope<E, D> {
+    /// Constants for a whole batch: causal attention over real tokens.
     fn new(params: &LlamaParams<E, D>, batch: &TokenBatch, dev: &D) -> Self {
+        let (b, s) = (batch.batch, batch.seq);
+        let mut visible = Vec::with_capacity(b * s * s);
+        for row in 0..b {
+            for i in 0..s {
+                for j in 0..s {
+                    visible.push(j <= i && batch.mask[row * s + j]);
+                }
+            }
+        }
+        Self::from_parts(params, b, s, &batch.positions(), &visible, s, dev)
+    }
+
+    /// Constants for `sq` new query tokens per row at `positions` (b * sq)
+    /// attending to `sk` keys, `visible[(row * sq + i) * sk + j]`.
+    pub(crate) fn from_parts(
+        params: &LlamaParams<E, D>,
+        b: usize,
+        sq: usize,
+        positions: &[usize],
+        visible: &[bool],
+        sk: usize,
+        dev: &D,
+    ) -> Self {
         let cfg = &params.config;
-        let (b, s, hd) = (batch.batch, batch.seq, cfg.head_dim());
+        let hd = cfg.head_dim();
         let half = hd / 2;
         let inv_freq: Vec<f64> = (0..half)
             .map(|i| cfg.rope_theta.powf(-(2.0 * i as f64) / hd as f64))
             .collect();
-        let (mut cos, mut sin) = (
-            Vec::with_capacity(b * s * hd),
-            Vec::with_capacity(b * s * hd),
-        );
-        for pos in batch.positions() {
+        let (mut cos, mut sin) = (Vec::with_capacity(b * sq * hd), Vec::with_capacity(b * sq * hd));
+        for pos in positions {
             for j in 0..hd {
-                let angle = pos as f64 * inv_freq[j % half];
+                let angle = *pos as f64 * inv_freq[j % half];
                 cos.push(E::from(angle.cos() as f32));
                 sin.push(E::from(angle.sin() as f32));
             }
@@ -123,26 +144,18 @@ impl<E: Dtype + From<f32>, D: Device<E>> Rope<E, D> {
             rotate[(j + half) * hd + j] = E::from(-1.0);
             rotate[j * hd + j + half] = E::from(1.0);
         }
-        let mut bias = Vec::with_capacity(b * s * s);
-        for row in 0..b {
-            for i in 0..s {
-                for j in 0..s {
-                    let visible = j <= i && batch.mask[row * s + j];
-                    bias.push(E::from(if visible { 0.0 } else { MASKED }));
-                }
-            }
-        }
+        let bias = visible.iter().map(|v| E::from(if *v { 0.0 } else { MASKED })).collect();
         Rope {
-            cos: dev.tensor_from_vec(cos, (b, s, hd)),
-            sin: dev.tensor_from_vec(sin, (b, s, hd)),
+            cos: dev.tensor_from_vec(cos, (b, sq, hd)),
+            sin: dev.tensor_from_vec(sin, (b, sq, hd)),
             rotate: dev.tensor_from_vec(rotate, (hd, hd)),
-            bias: dev.tensor_from_vec(bias, (b, s, s)),
+            bias: dev.tensor_from_vec(bias, (b, sq, sk)),
         }
     }
 }
 
 /// x (B, S, K) @ w^T for a weight w (N, K): (B, S, N).
-fn linear<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+pub(crate) fn linear<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
     x: T3<E, D, T>,
     w: &Matrix<E, D>,
 ) -> T3<E, D, T> {
@@ -150,7 +163,7 @@ fn linear<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
 }
 
 /// RMSNorm over the last axis with a (1, H) weight.
-fn rms_norm<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+pub(crate) fn rms_norm<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T>>(
     x: T3<E, D, T>,
     w: &Matrix<E, D>,
     eps: f64,
@@ -195,32 +208,62 @@ fn repeat_kv<E: Dtype, D: Device<E>, T: Tape<E, D>>(
         .reshape_like(&(b, kv * group, s, hd))
 }
 
-fn attention<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
+/// Queries, keys and values of a layer with rotary embeddings applied,
+/// laid out (B, S, heads, hd) and (B, S, kv_heads, hd).
+pub(crate) type Qkv<E, D, T> = (
+    Tensor<(usize, usize, usize, usize), E, D, T>,
+    Tensor<(usize, usize, usize, usize), E, D, T>,
+    Tensor<(usize, usize, usize, usize), E, D, T>,
+);
+
+pub(crate) fn project_qkv<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
     x: T3<E, D, T>,
     layer: &Layer<E, D>,
     params: &LlamaParams<E, D>,
     c: &Rope<E, D>,
-) -> T3<E, D, T> {
+) -> Qkv<E, D, T> {
     let cfg = &params.config;
     let (b, s, _) = *x.shape();
     let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
     let q = linear(x.retaped::<T>(), &layer.q_proj).reshape_like(&(b, s, nh, hd));
     let k = linear(x.retaped::<T>(), &layer.k_proj).reshape_like(&(b, s, nkv, hd));
     let v = linear(x, &layer.v_proj).reshape_like(&(b, s, nkv, hd));
-    let q = rope(q, c).permute::<_, Axes4<0, 2, 1, 3>>(); // (B, nh, S, hd)
-    let k = repeat_kv(rope(k, c).permute::<_, Axes4<0, 2, 1, 3>>(), nh / nkv);
-    let v = repeat_kv(v.permute::<_, Axes4<0, 2, 1, 3>>(), nh / nkv);
+    (rope(q, c), rope(k, c), v)
+}
+
+/// Attention of queries (B, Sq, nh, hd) over keys and values (B, Sk, nkv, hd)
+/// with the bias in `c`, then the output projection: (B, Sq, H).
+pub(crate) fn attend<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
+    (q, k, v): Qkv<E, D, T>,
+    layer: &Layer<E, D>,
+    params: &LlamaParams<E, D>,
+    c: &Rope<E, D>,
+) -> T3<E, D, T> {
+    let cfg = &params.config;
+    let (b, sq, nh, hd) = *q.shape();
+    let sk = k.shape().1;
+    let group = nh / cfg.kv_heads();
+    let q = q.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, nh, Sq, hd)
+    let k = repeat_kv(k.permute::<_, Axes4<0, 2, 1, 3>>(), group); // (B, nh, Sk, hd)
+    let v = repeat_kv(v.permute::<_, Axes4<0, 2, 1, 3>>(), group);
     let scale = E::from((1.0 / (hd as f64).sqrt()) as f32);
-    let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) * scale; // (B, nh, S, S)
-    let scores = scores + c.bias.clone().broadcast_like::<_, Axis<1>>(&(b, nh, s, s));
-    let out = scores.softmax::<Axis<3>>().matmul(v); // (B, nh, S, hd)
-    let out = out
-        .permute::<_, Axes4<0, 2, 1, 3>>()
-        .reshape_like(&(b, s, nh * hd));
+    let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) * scale; // (B, nh, Sq, Sk)
+    let scores = scores + c.bias.clone().broadcast_like::<_, Axis<1>>(&(b, nh, sq, sk));
+    let out = scores.softmax::<Axis<3>>().matmul(v); // (B, nh, Sq, hd)
+    let out = out.permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b, sq, nh * hd));
     linear(out, &layer.o_proj)
 }
 
-fn mlp<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+fn attention<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
+    x: T3<E, D, T>,
+    layer: &Layer<E, D>,
+    params: &LlamaParams<E, D>,
+    c: &Rope<E, D>,
+) -> T3<E, D, T> {
+    attend(project_qkv(x, layer, params, c), layer, params, c)
+}
+
+pub(crate) fn mlp<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
     x: T3<E, D, T>,
     layer: &Layer<E, D>,
 ) -> T3<E, D, T> {

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod generate;
 pub mod llama;
 pub mod params;
 
