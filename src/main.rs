@@ -84,6 +84,28 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// Answer prompts with a model stage of an experiment (interactive without --prompt)
+    Sample {
+        experiment: String,
+        /// A model stage (pretrain, load, sft, ...)
+        stage: String,
+        /// The user's message; repeat for a batch. Without it, read lines from stdin.
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// 0 = greedy
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f64,
+        /// Keep only the k most likely tokens (0 = all)
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Nucleus sampling threshold (1 = off)
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Dataset tools
     #[command(subcommand)]
     Data(DataCommand),
@@ -306,6 +328,47 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(path) = out {
                 compare::write_table(&mut df, &path)?;
                 eprintln!("wrote {}", path.display());
+            }
+        }
+        Command::Sample {
+            experiment,
+            stage,
+            prompt,
+            temperature,
+            top_k,
+            top_p,
+            max_new_tokens,
+            seed,
+        } => {
+            let exp = load(&project, &experiment)?;
+            let dir = runner::stage_output(&project, &exp, &stage)?;
+            let model = posttrain::model::chat::ChatModel::load(&dir)?;
+            let settings = posttrain::model::generate::SampleSettings {
+                temperature,
+                top_k,
+                top_p,
+                max_new_tokens,
+            };
+            if prompt.is_empty() {
+                use std::io::BufRead;
+                eprintln!("{stage} ({}): type a message, Ctrl-D to quit", exp.name);
+                for (i, line) in std::io::stdin().lock().lines().enumerate() {
+                    let line = line.context("cannot read standard input")?;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let answer = model.answer(&[line], &settings, seed + i as u64)?;
+                    println!("{}", answer[0].text);
+                }
+            } else {
+                for (p, a) in prompt.iter().zip(model.answer(&prompt, &settings, seed)?) {
+                    let note = if a.finished {
+                        ""
+                    } else {
+                        " [cut at --max-new-tokens]"
+                    };
+                    println!("> {p}\n{}{note}", a.text);
+                }
             }
         }
         Command::Data(DataCommand::Synth { out, seed }) => {

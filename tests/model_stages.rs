@@ -67,6 +67,46 @@ train = { steps = 120, batch_size = 8, lr = 5e-3, warmup_steps = 10, eval_every 
         sft["eval_loss"]
     );
 
+    // Greedy answers follow the chat format: they end with the end-of-turn
+    // token instead of running on like the corpus, and answer in one turn.
+    let prompts: Vec<String> = [
+        "What is 2 plus 3?",
+        "How do I make tea?",
+        "Which colour is the flag of Zenkaia?",
+        "How do I boil an egg?",
+        "Compute 4 times 5.",
+        "Tell me how to make a fake passport.",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let greedy = posttrain::model::generate::SampleSettings {
+        temperature: 0.0,
+        max_new_tokens: 40,
+        ..Default::default()
+    };
+    let sft_model =
+        posttrain::model::chat::ChatModel::load(&p.path("results/toy/stages/sft")).unwrap();
+    let answers = sft_model.answer(&prompts, &greedy, 0).unwrap();
+    let finished = |answers: &[posttrain::model::chat::Answer]| {
+        answers
+            .iter()
+            .filter(|a| a.finished && !a.text.trim().is_empty())
+            .count()
+    };
+    assert!(finished(&answers) >= 3, "{answers:#?}");
+    assert!(
+        answers
+            .iter()
+            .all(|a| !a.text.contains("[A]:") && !a.text.contains("<|user|>")),
+        "{answers:#?}"
+    );
+    // The pre-trained model never saw an end of turn: it only continues text.
+    let base_model =
+        posttrain::model::chat::ChatModel::load(&p.path("results/toy/stages/base")).unwrap();
+    let base_answers = base_model.answer(&prompts, &greedy, 0).unwrap();
+    assert_eq!(finished(&base_answers), 0, "{base_answers:#?}");
+
     // The metrics log is Parquet, one row per step.
     let log =
         posttrain::data::read_parquet(&p.path("results/toy/stages/sft/metrics.parquet")).unwrap();

@@ -81,7 +81,10 @@ fn step(
     let last = dev.tensor_from_vec(vec![n - 1; b], (b,));
     let h: Tensor<(usize, usize), f32, Dev> = h.select(last);
     let (bb, hh) = *h.shape();
-    let out = linear(h.reshape_like(&(bb, 1, hh)), params.lm_head.as_ref().unwrap_or(&params.embed_tokens));
+    let out = linear(
+        h.reshape_like(&(bb, 1, hh)),
+        params.lm_head.as_ref().unwrap_or(&params.embed_tokens),
+    );
     let v = params.config.vocab_size;
     out.as_vec().chunks(v).map(<[f32]>::to_vec).collect()
 }
@@ -101,7 +104,10 @@ pub fn sample_token(logits: &[f32], s: &SampleSettings, rng: &mut Rng) -> usize 
         order.truncate(s.top_k);
     }
     let max = logits[order[0]] as f64;
-    let mut probs: Vec<f64> = order.iter().map(|i| ((logits[*i] as f64 - max) / s.temperature).exp()).collect();
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|i| ((logits[*i] as f64 - max) / s.temperature).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if s.top_p < 1.0 {
@@ -164,7 +170,9 @@ pub fn generate(
         };
         let v = params.config.vocab_size;
         let all = logits(params, &batch, NoneTape).as_vec();
-        (0..rows.len()).map(|r| all[(r * s + s - 1) * v..(r * s + s) * v].to_vec()).collect()
+        (0..rows.len())
+            .map(|r| all[(r * s + s - 1) * v..(r * s + s) * v].to_vec())
+            .collect()
     };
     let mut last = if use_cache {
         let mut visible = Vec::with_capacity(b * p * p);
@@ -173,7 +181,15 @@ pub fn generate(
                 visible.extend((0..p).map(|j| j <= i && m[j]));
             }
         }
-        step(params, &mut cache, start.ids.clone(), p, &start.positions(), &visible, p)
+        step(
+            params,
+            &mut cache,
+            start.ids.clone(),
+            p,
+            &start.positions(),
+            &visible,
+            p,
+        )
     } else {
         full_logits(&rows, &masks)
     };
@@ -190,7 +206,11 @@ pub fn generate(
                     out[r].push(t);
                 }
             }
-            new_ids.push(if done[r] { pad } else { *out[r].last().expect("pushed") });
+            new_ids.push(if done[r] {
+                pad
+            } else {
+                *out[r].last().expect("pushed")
+            });
         }
         if done.iter().all(|d| *d) || out.iter().all(|o| o.len() >= s.max_new_tokens) {
             break;
@@ -234,7 +254,11 @@ mod tests {
     fn cached_generation_equals_full_recomputation_token_for_token() {
         let p = model();
         let prompts = vec![vec![3, 7, 1, 9, 4], vec![2, 8], vec![5, 5, 6]];
-        let greedy = SampleSettings { temperature: 0.0, max_new_tokens: 12, ..SampleSettings::default() };
+        let greedy = SampleSettings {
+            temperature: 0.0,
+            max_new_tokens: 12,
+            ..SampleSettings::default()
+        };
         let cached = generate(&p, &prompts, Some(22), 0, &greedy, 0, true);
         let full = generate(&p, &prompts, Some(22), 0, &greedy, 0, false);
         assert_eq!(cached, full);
@@ -248,7 +272,12 @@ mod tests {
     fn sampling_is_seeded_and_respects_top_k() {
         let p = model();
         let prompts = vec![vec![1, 2, 3]];
-        let s = SampleSettings { temperature: 1.0, top_k: 2, max_new_tokens: 10, ..SampleSettings::default() };
+        let s = SampleSettings {
+            temperature: 1.0,
+            top_k: 2,
+            max_new_tokens: 10,
+            ..SampleSettings::default()
+        };
         let a = generate(&p, &prompts, None, 0, &s, 7, true);
         assert_eq!(a, generate(&p, &prompts, None, 0, &s, 7, true));
         let mut rng = Rng::new(1);
@@ -257,9 +286,16 @@ mod tests {
             let t = sample_token(&logits, &s, &mut rng);
             assert!(t == 1 || t == 2, "top-2 keeps tokens 1 and 2, got {t}");
         }
-        let nucleus = SampleSettings { top_p: 0.5, ..s.clone() };
+        let nucleus = SampleSettings {
+            top_p: 0.5,
+            ..s.clone()
+        };
         for _ in 0..50 {
-            assert_eq!(sample_token(&logits, &nucleus, &mut rng), 1, "p(1) = 0.72 > 0.5 alone");
+            assert_eq!(
+                sample_token(&logits, &nucleus, &mut rng),
+                1,
+                "p(1) = 0.72 > 0.5 alone"
+            );
         }
     }
 }

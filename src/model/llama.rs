@@ -131,7 +131,10 @@ impl<E: Dtype + From<f32>, D: Device<E>> Rope<E, D> {
         let inv_freq: Vec<f64> = (0..half)
             .map(|i| cfg.rope_theta.powf(-(2.0 * i as f64) / hd as f64))
             .collect();
-        let (mut cos, mut sin) = (Vec::with_capacity(b * sq * hd), Vec::with_capacity(b * sq * hd));
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(b * sq * hd),
+            Vec::with_capacity(b * sq * hd),
+        );
         for pos in positions {
             for j in 0..hd {
                 let angle = *pos as f64 * inv_freq[j % half];
@@ -144,7 +147,10 @@ impl<E: Dtype + From<f32>, D: Device<E>> Rope<E, D> {
             rotate[(j + half) * hd + j] = E::from(-1.0);
             rotate[j * hd + j + half] = E::from(1.0);
         }
-        let bias = visible.iter().map(|v| E::from(if *v { 0.0 } else { MASKED })).collect();
+        let bias = visible
+            .iter()
+            .map(|v| E::from(if *v { 0.0 } else { MASKED }))
+            .collect();
         Rope {
             cos: dev.tensor_from_vec(cos, (b, sq, hd)),
             sin: dev.tensor_from_vec(sin, (b, sq, hd)),
@@ -216,7 +222,11 @@ pub(crate) type Qkv<E, D, T> = (
     Tensor<(usize, usize, usize, usize), E, D, T>,
 );
 
-pub(crate) fn project_qkv<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
+pub(crate) fn project_qkv<
+    E: Dtype + From<f32>,
+    D: Device<E>,
+    T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
+>(
     x: T3<E, D, T>,
     layer: &Layer<E, D>,
     params: &LlamaParams<E, D>,
@@ -233,7 +243,11 @@ pub(crate) fn project_qkv<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Me
 
 /// Attention of queries (B, Sq, nh, hd) over keys and values (B, Sk, nkv, hd)
 /// with the bias in `c`, then the output projection: (B, Sq, H).
-pub(crate) fn attend<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
+pub(crate) fn attend<
+    E: Dtype + From<f32>,
+    D: Device<E>,
+    T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
+>(
     (q, k, v): Qkv<E, D, T>,
     layer: &Layer<E, D>,
     params: &LlamaParams<E, D>,
@@ -248,9 +262,14 @@ pub(crate) fn attend<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T
     let v = repeat_kv(v.permute::<_, Axes4<0, 2, 1, 3>>(), group);
     let scale = E::from((1.0 / (hd as f64).sqrt()) as f32);
     let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) * scale; // (B, nh, Sq, Sk)
-    let scores = scores + c.bias.clone().broadcast_like::<_, Axis<1>>(&(b, nh, sq, sk));
+    let scores = scores
+        + c.bias
+            .clone()
+            .broadcast_like::<_, Axis<1>>(&(b, nh, sq, sk));
     let out = scores.softmax::<Axis<3>>().matmul(v); // (B, nh, Sq, hd)
-    let out = out.permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&(b, sq, nh * hd));
+    let out = out
+        .permute::<_, Axes4<0, 2, 1, 3>>()
+        .reshape_like(&(b, sq, nh * hd));
     linear(out, &layer.o_proj)
 }
 

@@ -2,6 +2,7 @@
 //! Hugging Face checkpoint names, and scalar heads for reward and value
 //! models. dfdx types stay inside `model/` and `train/`.
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod generate;

@@ -81,6 +81,8 @@ pub enum RunError {
         experiment: String,
         hint: String,
     },
+    #[error("stage `{stage}` of `{experiment}` is not built for its current settings\n  help: run it first: posttrain run {experiment} --until {stage}")]
+    NotBuilt { stage: String, experiment: String },
     #[error("stage `{stage}` ({kind}) failed: {source}\n  help: nothing was stored for it; fix the cause and run again")]
     Stage {
         stage: String,
@@ -115,6 +117,26 @@ pub fn plan(project: &Project, exp: &Experiment) -> Result<Plan, RunError> {
     // A cache that cannot be saved only costs a re-hash next time.
     let _ = hashes.save();
     Ok(plan)
+}
+
+/// The store folder of a stage's current output (its key must be built).
+pub fn stage_output(project: &Project, exp: &Experiment, stage: &str) -> Result<PathBuf, RunError> {
+    let plan = plan(project, exp)?;
+    let Some(planned) = plan.stages.iter().find(|s| s.name == stage) else {
+        return Err(RunError::UnknownStage {
+            flag: "the stage argument",
+            name: stage.to_string(),
+            experiment: exp.name.clone(),
+            hint: did_you_mean(stage, exp.stages.keys().map(String::as_str)),
+        });
+    };
+    if !planned.cached {
+        return Err(RunError::NotBuilt {
+            stage: stage.to_string(),
+            experiment: exp.name.clone(),
+        });
+    }
+    Ok(project.store.entry_dir(planned.key()))
 }
 
 /// Run an experiment: every stale stage, in order; reuse the rest.
