@@ -106,6 +106,20 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Per-token log-probabilities (JSON) of text under a model, or a corpus's perplexity
+    Score {
+        /// A model folder (config.json + *.safetensors), or EXPERIMENT:STAGE
+        model: String,
+        /// Text to score (tokenized with the model's tokenizer.json)
+        #[arg(long, conflicts_with_all = ["ids", "perplexity"])]
+        text: Option<String>,
+        /// Raw token ids, comma separated (needs no tokenizer)
+        #[arg(long, value_delimiter = ',', conflicts_with = "perplexity")]
+        ids: Vec<usize>,
+        /// A corpus (Parquet with a `text` column, or a text file, one document a line)
+        #[arg(long, value_name = "FILE")]
+        perplexity: Option<PathBuf>,
+    },
     /// Dataset tools
     #[command(subcommand)]
     Data(DataCommand),
@@ -369,6 +383,66 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     };
                     println!("> {p}\n{}{note}", a.text);
                 }
+            }
+        }
+        Command::Score {
+            model,
+            text,
+            ids,
+            perplexity,
+        } => {
+            let dir = if std::path::Path::new(&model).is_dir() {
+                PathBuf::from(&model)
+            } else if let Some((exp, stage)) = model.split_once(':') {
+                let exp = load(&project, exp)?;
+                runner::stage_output(&project, &exp, stage)?
+            } else {
+                anyhow::bail!("`{model}` is neither a model folder nor EXPERIMENT:STAGE");
+            };
+            let scorer = posttrain::model::score::Scorer::load(&dir)?;
+            if let Some(file) = perplexity {
+                let docs: Vec<String> = if file.extension().is_some_and(|e| e == "parquet") {
+                    let df = posttrain::data::read_parquet(&file)?;
+                    posttrain::data::formats::load_corpus(&df, &file)?
+                } else {
+                    std::fs::read_to_string(&file)
+                        .with_context(|| format!("cannot read {}", file.display()))?
+                        .lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .map(str::to_string)
+                        .collect()
+                };
+                let (mut nll, mut n) = (0.0f64, 0usize);
+                for doc in &docs {
+                    let lp = scorer.logprobs(&scorer.encode(doc)?);
+                    nll -= lp.iter().map(|x| *x as f64).sum::<f64>();
+                    n += lp.len();
+                }
+                let mean = nll / n.max(1) as f64;
+                println!(
+                    "{}",
+                    serde_json::json!({"documents": docs.len(), "tokens": n, "nll": mean, "perplexity": mean.exp()})
+                );
+            } else {
+                let ids = match text {
+                    Some(t) => scorer.encode(&t)?,
+                    None if !ids.is_empty() => ids,
+                    None => anyhow::bail!("give --text, --ids or --perplexity"),
+                };
+                if let Some(bad) = ids.iter().find(|i| **i >= scorer.vocab_size()) {
+                    anyhow::bail!(
+                        "token id {bad} is outside the vocabulary (size {})",
+                        scorer.vocab_size()
+                    );
+                }
+                let lp = scorer.logprobs(&ids);
+                let logprobs: Vec<Option<f32>> = std::iter::once(None)
+                    .chain(lp.into_iter().map(Some))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"tokens": ids, "logprobs": logprobs})
+                );
             }
         }
         Command::Data(DataCommand::Synth { out, seed }) => {

@@ -107,6 +107,30 @@ train = { steps = 120, batch_size = 8, lr = 5e-3, warmup_steps = 10, eval_every 
     let base_answers = base_model.answer(&prompts, &greedy, 0).unwrap();
     assert_eq!(finished(&base_answers), 0, "{base_answers:#?}");
 
+    // `score` prints per-token log-probs as JSON, for a stage or raw ids.
+    let out = p.ok(&["score", "toy:sft", "--ids", "1,2,3"]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["tokens"], serde_json::json!([1, 2, 3]));
+    assert!(
+        json["logprobs"][0].is_null() && json["logprobs"][2].as_f64().unwrap() < 0.0,
+        "{json}"
+    );
+    let err = p.fails(&["score", "toy:sft", "--ids", "1,99999"]);
+    assert!(
+        err.contains("token id 99999 is outside the vocabulary"),
+        "{err}"
+    );
+    let out = p.ok(&[
+        "sample",
+        "toy",
+        "sft",
+        "--prompt",
+        "What is 2 plus 3?",
+        "--temperature",
+        "0",
+    ]);
+    assert!(out.starts_with("> What is 2 plus 3?\n"), "{out}");
+
     // The metrics log is Parquet, one row per step.
     let log =
         posttrain::data::read_parquet(&p.path("results/toy/stages/sft/metrics.parquet")).unwrap();

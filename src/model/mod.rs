@@ -8,6 +8,7 @@ pub mod config;
 pub mod generate;
 pub mod llama;
 pub mod params;
+pub mod score;
 
 pub use checkpoint::CheckpointError;
 pub use config::LlamaConfig;

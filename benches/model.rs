@@ -1,0 +1,137 @@
+//! `make bench` (model part): dfdx matmul GFLOP/s on this machine, training
+//! throughput and model FLOPs utilisation (MFU) of the default tiny model and
+//! one about 10x larger, and KV-cached generation throughput at batch 1 and 16.
+//!
+//! FLOPs per trained token = 6 N (N = non-embedding parameters, forward +
+//! backward) + 12 L S H (attention scores and values), as in Kaplan et al.;
+//! MFU = achieved FLOP/s / the measured 512x512x512 matmul FLOP/s.
+
+use std::time::Instant;
+
+use dfdx::prelude::*;
+use posttrain::data::rng::Rng;
+use posttrain::model::generate::{generate, SampleSettings};
+use posttrain::model::{Dev, LlamaConfig, LlamaParams};
+use posttrain::stages::pretrain::ModelSettings;
+use posttrain::train::causal_lm::{self, Init, LmData, LmExamples};
+use posttrain::train::optim::TrainSettings;
+
+fn matmul_gflops() -> f64 {
+    let dev = Dev::default();
+    let n = 512;
+    let a: Tensor<(usize, usize), f32, Dev> = dev.sample_normal_like(&(n, n));
+    let b: Tensor<(usize, usize), f32, Dev> = dev.sample_normal_like(&(n, n));
+    let _ = a.clone().matmul(b.clone()).as_vec(); // warm up
+    let mut best = f64::MAX;
+    for _ in 0..10 {
+        let t = Instant::now();
+        let c = a.clone().matmul(b.clone());
+        let _ = c.as_vec()[0];
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+fn examples(vocab: u32, seq: usize, n: usize) -> LmExamples {
+    let mut rng = Rng::new(3);
+    let tokens: Vec<Vec<u32>> = (0..n)
+        .map(|_| (0..seq).map(|_| rng.below(vocab as usize) as u32).collect())
+        .collect();
+    let trained = tokens.iter().map(|t| vec![true; t.len()]).collect();
+    LmExamples { tokens, trained }
+}
+
+fn train_throughput(
+    name: &str,
+    cfg: LlamaConfig,
+    seq: usize,
+    batch: usize,
+    steps: usize,
+    peak: f64,
+) {
+    let data = examples(cfg.vocab_size as u32, seq, 512);
+    let s = TrainSettings {
+        steps,
+        batch_size: batch,
+        eval_every: 0,
+        warmup_steps: 1,
+        ..TrainSettings::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    causal_lm::train(
+        Init::Random {
+            config: cfg.clone(),
+            seed: 0,
+        },
+        LmData {
+            train: &data,
+            eval: None,
+            pad: 0,
+        },
+        &s,
+        0,
+        dir.path(),
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    // Every position but the first of each sequence is a trained token.
+    let tokens = (steps * batch * (seq - 1)) as f64;
+    let h = cfg.hidden_size;
+    let non_embedding =
+        cfg.parameter_count() - cfg.vocab_size * h * if cfg.tie_word_embeddings { 1 } else { 2 };
+    let head = cfg.vocab_size * h; // the LM head matmul is work too
+    let flops_per_token =
+        6.0 * (non_embedding + head) as f64 + 12.0 * (cfg.num_hidden_layers * seq * h) as f64;
+    let achieved = tokens * flops_per_token / secs / 1e9;
+    println!(
+        "train {name}: {} params, seq {seq}, batch {batch}: {:.0} tokens/s, {achieved:.2} GFLOP/s = {:.1}% MFU",
+        cfg.parameter_count(),
+        tokens / secs,
+        100.0 * achieved / peak
+    );
+}
+
+fn generation_throughput(cfg: &LlamaConfig, batch: usize) {
+    let p = LlamaParams::<f32, Dev>::init(cfg, false, 0, &Dev::default());
+    let prompts: Vec<Vec<usize>> = (0..batch)
+        .map(|i| vec![1 + i % 7, 2, 3, 4, 5, 6, 7, 8])
+        .collect();
+    let s = SampleSettings {
+        temperature: 1.0,
+        max_new_tokens: 64,
+        ..SampleSettings::default()
+    };
+    let t = Instant::now();
+    let out = generate(&p, &prompts, None, 0, &s, 0, true);
+    let secs = t.elapsed().as_secs_f64();
+    let tokens: usize = out.iter().map(Vec::len).sum();
+    println!(
+        "generate, default model, batch {batch}, 64 new tokens each, KV cache: {:.0} tokens/s",
+        tokens as f64 / secs
+    );
+}
+
+fn main() {
+    let peak = matmul_gflops();
+    println!("dfdx matmul 512x512x512 f32: {peak:.1} GFLOP/s (best of 10)");
+    println!(
+        "threads: RAYON_NUM_THREADS={}",
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset (all cores)".into())
+    );
+    let tiny = ModelSettings::default().config(512, 64);
+    train_throughput("default tiny", tiny.clone(), 64, 16, 20, peak);
+    let larger = ModelSettings {
+        hidden_size: 160,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        intermediate_size: 432,
+        ..ModelSettings::default()
+    }
+    .config(512, 64);
+    train_throughput("~10x larger", larger, 64, 16, 10, peak);
+    generation_throughput(&tiny, 1);
+    generation_throughput(&tiny, 16);
+}
