@@ -6,6 +6,17 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
 use std::path::Path;
 
+/// The lock file of `key`, created if missing (never truncated: another
+/// process may hold a lock on it).
+fn lock_file(locks_dir: &Path, key: &str) -> io::Result<File> {
+    std::fs::create_dir_all(locks_dir)?;
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(locks_dir.join(format!("{key}.lock")))
+}
+
 /// Holds an exclusive lock on one key until dropped.
 pub struct KeyLock {
     _file: File,
@@ -14,12 +25,7 @@ pub struct KeyLock {
 /// Lock `key`, waiting for another process that holds it. `on_wait` is
 /// called once if we have to wait (to tell the user why nothing moves).
 pub fn lock_key(locks_dir: &Path, key: &str, on_wait: impl FnOnce()) -> io::Result<KeyLock> {
-    std::fs::create_dir_all(locks_dir)?;
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(locks_dir.join(format!("{key}.lock")))?;
+    let file = lock_file(locks_dir, key)?;
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
@@ -33,12 +39,7 @@ pub fn lock_key(locks_dir: &Path, key: &str, on_wait: impl FnOnce()) -> io::Resu
 
 /// Lock `key` only if nobody holds it.
 pub fn try_lock_key(locks_dir: &Path, key: &str) -> io::Result<Option<KeyLock>> {
-    std::fs::create_dir_all(locks_dir)?;
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(locks_dir.join(format!("{key}.lock")))?;
+    let file = lock_file(locks_dir, key)?;
     match file.try_lock() {
         Ok(()) => Ok(Some(KeyLock { _file: file })),
         Err(TryLockError::WouldBlock) => Ok(None),
