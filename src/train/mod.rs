@@ -5,6 +5,7 @@ pub mod causal_lm;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
+pub mod preference;
 
 use std::time::Instant;
 
