@@ -24,7 +24,7 @@ seed = 1
 kind = "synth"
 corpus_docs = 1500
 demonstrations = 800
-comparisons = 10
+comparisons = 300
 rankings = 5
 prompts_train = 10
 prompts_test = 10
@@ -48,6 +48,14 @@ from = "base"
 data = { stage = "world", file = "demonstrations.parquet" }
 eval_data = { stage = "world", file = "demonstrations_test.parquet" }
 train = { steps = 120, batch_size = 8, lr = 5e-3, warmup_steps = 10, eval_every = 60 }
+
+[stages.dpo]
+kind = "dpo"
+from = "sft"
+data = { stage = "world", file = "comparisons.parquet" }
+eval_data = { stage = "world", file = "comparisons_test.parquet" }
+beta = 0.1
+train = { steps = 40, batch_size = 8, lr = 5e-4, warmup_steps = 4, eval_every = 20 }
 "#,
     );
     p.ok(&["run", "toy"]);
@@ -146,6 +154,42 @@ train = { steps = 120, batch_size = 8, lr = 5e-3, warmup_steps = 10, eval_every 
     ] {
         assert!(log.column(col).is_ok(), "metrics.parquet has `{col}`");
     }
+
+    // DPO moves its own metric: the held-out implicit-reward margin of
+    // chosen over rejected grows from 0 (policy == reference at step 1).
+    let dpo = metrics(&p, "toy", "dpo");
+    assert!(
+        dpo["eval_rewards/margins"] > 0.0 && dpo["rewards/margins"] > 0.0,
+        "{dpo:?}"
+    );
+    assert_eq!(dpo["reference_cache_hit"], 0.0);
+    let dpo_log =
+        posttrain::data::read_parquet(&p.path("results/toy/stages/dpo/metrics.parquet")).unwrap();
+    let first_loss = dpo_log
+        .column("loss")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .get(0)
+        .unwrap();
+    assert!(
+        (first_loss - std::f64::consts::LN_2).abs() < 1e-4,
+        "DPO starts at log 2, got {first_loss}"
+    );
+    let fresh = std::fs::read(p.path("results/toy/stages/dpo/reference_logprobs.parquet")).unwrap();
+    // Another beta: only dpo reruns, and the reference log-probs come from
+    // the cache, equal to the freshly computed ones.
+    let toml = std::fs::read_to_string(p.path("experiments/toy.toml")).unwrap();
+    p.write(
+        "experiments/toy.toml",
+        &toml.replace("beta = 0.1", "beta = 0.3"),
+    );
+    p.ok(&["run", "toy"]);
+    assert_eq!(p.ran("toy"), ["dpo"]);
+    assert_eq!(metrics(&p, "toy", "dpo")["reference_cache_hit"], 1.0);
+    let reused =
+        std::fs::read(p.path("results/toy/stages/dpo/reference_logprobs.parquet")).unwrap();
+    assert_eq!(fresh, reused);
 
     // The output is a Hugging Face folder: `load` reads it back.
     let folder = p.path("models/sft");

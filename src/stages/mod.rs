@@ -7,6 +7,7 @@
 
 pub mod context;
 pub mod dataset;
+pub mod dpo;
 pub mod inputs;
 pub mod load;
 pub mod model_files;
@@ -120,6 +121,7 @@ stage_kinds! {
     Pretrain => pretrain::PretrainSettings,
     Load => load::LoadSettings,
     Sft => sft::SftSettings,
+    Dpo => dpo::DpoSettings,
 }
 
 /// Final metrics of a stage, by name.

@@ -11,7 +11,7 @@ use indicatif::ProgressBar;
 use super::losses::lm_loss;
 use super::metrics::MetricsLog;
 use super::optim::TrainSettings;
-use super::{fit, TrainError};
+use super::{fit, StepLoss, TrainError};
 use crate::data::rng::Rng;
 use crate::model::llama::TokenBatch;
 use crate::model::{checkpoint, Dev, LlamaConfig, LlamaParams};
@@ -54,7 +54,11 @@ pub enum Init<'a> {
 }
 
 /// A right-padded batch and its loss weights (weight at t trains token t+1).
-fn batch_of(examples: &LmExamples, rows: &[usize], pad: usize) -> (TokenBatch, Vec<f32>) {
+pub(crate) fn batch_of(
+    examples: &LmExamples,
+    rows: &[usize],
+    pad: usize,
+) -> (TokenBatch, Vec<f32>) {
     let seqs: Vec<Vec<usize>> = rows
         .iter()
         .map(|r| examples.tokens[*r].iter().map(|t| *t as usize).collect())
@@ -126,7 +130,11 @@ pub fn train(
                 .collect();
             let (batch, weights) = batch_of(train_data, &rows, pad);
             let tokens = weights.iter().filter(|w| **w > 0.0).count();
-            Ok((lm_loss(p, &batch, &weights, OwnedTape::default()), tokens))
+            Ok(StepLoss {
+                loss: lm_loss(p, &batch, &weights, OwnedTape::default()),
+                tokens,
+                extras: Vec::new(),
+            })
         },
         |p| {
             Ok(match eval_data {

@@ -2,6 +2,7 @@
 //! training loop that every training stage drives with its own loss.
 
 pub mod causal_lm;
+pub mod dpo;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
@@ -31,8 +32,13 @@ pub enum TrainError {
     Checkpoint(#[from] crate::model::checkpoint::CheckpointError),
 }
 
-/// The loss of one micro-batch with its tape, and how many tokens it trained on.
-pub type StepLoss<D> = (Tensor<(), f32, D, OwnedTape<f32, D>>, usize);
+/// The loss of one micro-batch with its tape, how many tokens it trained
+/// on, and extra metrics to log (averaged over the step's micro-batches).
+pub struct StepLoss<D: Device<f32>> {
+    pub loss: Tensor<(), f32, D, OwnedTape<f32, D>>,
+    pub tokens: usize,
+    pub extras: Vec<(&'static str, f64)>,
+}
 
 /// Train `params` for `s.steps` AdamW steps.
 ///
@@ -57,8 +63,19 @@ pub fn fit<D: Device<f32>>(
         // Micro-steps: accumulate gradients of loss / grad_accum.
         let mut acc: Option<Vec<Matrix<f32, D>>> = None;
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        let mut extras: Vec<(&'static str, f64)> = Vec::new();
         for _ in 0..s.grad_accum {
-            let (loss, n) = micro_loss(params)?;
+            let StepLoss {
+                loss,
+                tokens: n,
+                extras: more,
+            } = micro_loss(params)?;
+            for (k, v) in more {
+                match extras.iter_mut().find(|(name, _)| *name == k) {
+                    Some(slot) => slot.1 += v / s.grad_accum as f64,
+                    None => extras.push((k, v / s.grad_accum as f64)),
+                }
+            }
             let loss = loss * (1.0 / s.grad_accum as f32);
             let value = loss.as_vec()[0] as f64;
             if !value.is_finite() {
@@ -111,6 +128,7 @@ pub fn fit<D: Device<f32>>(
             ("grad_norm", norm),
             ("tokens_per_s", tokens as f64 / secs.max(1e-9)),
         ];
+        row.extend(extras);
         let last = step + 1 == s.steps;
         if last || (s.eval_every > 0 && (step + 1) % s.eval_every == 0) {
             row.extend(eval(params)?);
