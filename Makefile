@@ -1,5 +1,5 @@
 # posttrain: `make run EXP=NAME` runs experiments/NAME.toml; `make test` runs the tests.
-EXP ?= assistant-data
+EXP ?= llama-dpo
 EXPS ?= $(EXP)
 CARGO ?= cargo
 BIN := target/release/posttrain
