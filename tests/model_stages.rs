@@ -24,7 +24,7 @@ seed = 1
 kind = "synth"
 corpus_docs = 1500
 demonstrations = 800
-comparisons = 300
+comparisons = 600
 rankings = 5
 prompts_train = 10
 prompts_test = 10
@@ -48,6 +48,13 @@ from = "base"
 data = { stage = "world", file = "demonstrations.parquet" }
 eval_data = { stage = "world", file = "demonstrations_test.parquet" }
 train = { steps = 120, batch_size = 8, lr = 5e-3, warmup_steps = 10, eval_every = 60 }
+
+[stages.rm]
+kind = "reward"
+from = "sft"
+data = { stage = "world", file = "comparisons.parquet" }
+eval_data = { stage = "world", file = "comparisons_test.parquet" }
+train = { steps = 60, batch_size = 12, lr = 1e-3, warmup_steps = 6, eval_every = 30 }
 
 [stages.dpo]
 kind = "dpo"
@@ -155,6 +162,15 @@ train = { steps = 40, batch_size = 8, lr = 5e-4, warmup_steps = 4, eval_every = 
         assert!(log.column(col).is_ok(), "metrics.parquet has `{col}`");
     }
 
+    // The reward model learns to rank: held-out accuracy from 0.5 (a zero
+    // head scores every response 0, ties count half) to well above it.
+    let rm = metrics(&p, "toy", "rm");
+    assert_eq!(rm["eval_accuracy_start"], 0.5);
+    assert!(
+        rm["eval_accuracy"] >= 0.65 && rm["eval_loss"] < rm["eval_loss_start"] - 0.05,
+        "{rm:?}"
+    );
+
     // DPO moves its own metric: the held-out implicit-reward margin of
     // chosen over rejected grows from 0 (policy == reference at step 1).
     let dpo = metrics(&p, "toy", "dpo");
@@ -185,7 +201,7 @@ train = { steps = 40, batch_size = 8, lr = 5e-4, warmup_steps = 4, eval_every = 
         &toml.replace("beta = 0.1", "beta = 0.3"),
     );
     p.ok(&["run", "toy"]);
-    assert_eq!(p.ran("toy"), ["dpo"]);
+    assert_eq!(p.ran("toy"), ["dpo"], "only dpo reruns");
     assert_eq!(metrics(&p, "toy", "dpo")["reference_cache_hit"], 1.0);
     let reused =
         std::fs::read(p.path("results/toy/stages/dpo/reference_logprobs.parquet")).unwrap();

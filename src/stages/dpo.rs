@@ -19,10 +19,9 @@ use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::model_files::{copy_tokenizer, model_outputs, pad_id, upstream_tokenizer};
+use super::pairs::load_pairs;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
-use crate::data::formats;
-use crate::data::tokenize::{self, LoadedTokenizer, TokenCache};
-use crate::train::causal_lm::LmExamples;
+use crate::data::tokenize::TokenCache;
 use crate::train::dpo::{self, DpoConfig, PairExamples};
 use crate::train::optim::TrainSettings;
 use crate::train::preference::DpoLoss;
@@ -125,9 +124,9 @@ impl StageKind for DpoSettings {
         let (tok, tok_path) = upstream_tokenizer(ctx, &self.from)?;
         let mut cache = TokenCache::new(ctx.cache_dir.join("tokens"));
         ctx.progress.set_message("tokenizing");
-        let pairs = self.pairs(ctx, &self.data, &tok, &mut cache)?;
+        let pairs = load_pairs(ctx, &self.data, &tok, &mut cache, self.max_len)?.pairs;
         let eval = match &self.eval_data {
-            Some(e) => Some(self.pairs(ctx, e, &tok, &mut cache)?),
+            Some(e) => Some(load_pairs(ctx, e, &tok, &mut cache, self.max_len)?.pairs),
             None => None,
         };
         let reference = ctx
@@ -169,53 +168,6 @@ impl StageKind for DpoSettings {
         metrics.insert("pairs".into(), pairs.len() as f64);
         metrics.insert("reference_cache_hit".into(), f64::from(u8::from(hit)));
         Ok(metrics)
-    }
-}
-
-impl DpoSettings {
-    /// Prompt + response token sequences with response tokens trained.
-    fn pairs(
-        &self,
-        ctx: &StageContext,
-        source: &DataSource,
-        tok: &LoadedTokenizer,
-        cache: &mut TokenCache,
-    ) -> Result<PairExamples, StageError> {
-        let (df, path) = ctx.load(source)?;
-        let rows = formats::load_comparisons(&df, &path, source.format)?;
-        let table = tokenize::comparisons(tok, &rows, cache)?;
-        let mut pairs = PairExamples {
-            chosen: LmExamples::default(),
-            rejected: LmExamples::default(),
-        };
-        let side = |prompt: &[u32], response: &[u32]| {
-            let mut tokens: Vec<u32> = prompt.iter().chain(response).copied().collect();
-            let mut trained: Vec<bool> = std::iter::repeat_n(false, prompt.len())
-                .chain(std::iter::repeat_n(true, response.len()))
-                .collect();
-            tokens.truncate(self.max_len);
-            trained.truncate(self.max_len);
-            (tokens, trained)
-        };
-        for i in 0..table.rows() {
-            let prompt = &table.column("prompt")[i];
-            let (c, cw) = side(prompt, &table.column("chosen")[i]);
-            let (r, rw) = side(prompt, &table.column("rejected")[i]);
-            if cw.iter().any(|t| *t) && rw.iter().any(|t| *t) {
-                pairs.chosen.tokens.push(c);
-                pairs.chosen.trained.push(cw);
-                pairs.rejected.tokens.push(r);
-                pairs.rejected.trained.push(rw);
-            }
-        }
-        if pairs.is_empty() {
-            return Err(StageError::Failed(format!(
-                "{}: no pair fits in `max_len` = {}",
-                path.display(),
-                self.max_len
-            )));
-        }
-        Ok(pairs)
     }
 }
 

@@ -11,7 +11,9 @@ pub mod dpo;
 pub mod inputs;
 pub mod load;
 pub mod model_files;
+pub mod pairs;
 pub mod pretrain;
+pub mod reward;
 pub mod sft;
 pub mod synth;
 pub mod tokenizer;
@@ -122,6 +124,7 @@ stage_kinds! {
     Load => load::LoadSettings,
     Sft => sft::SftSettings,
     Dpo => dpo::DpoSettings,
+    Reward => reward::RewardSettings,
 }
 
 /// Final metrics of a stage, by name.

@@ -7,6 +7,7 @@ pub mod losses;
 pub mod metrics;
 pub mod optim;
 pub mod preference;
+pub mod reward;
 
 use std::time::Instant;
 
