@@ -145,18 +145,11 @@ pub fn train(
                 None => Vec::new(),
             })
         },
-        |p, step| {
-            Ok(checkpoint::save(
-                p,
-                &out.join(format!("checkpoint-{step}")),
-            )?)
-        },
+        |p, step| super::save_checkpoint(p, out, step),
         &mut log,
         progress,
     )?;
-    checkpoint::save(&params, out)?;
-    let mut metrics = log.finish()?;
-    metrics.remove("lr");
+    let mut metrics = super::finish(&params, log, out)?;
     if let Some(first) = first_eval {
         metrics.insert("eval_loss_start".into(), first);
     }

@@ -208,17 +208,10 @@ pub fn train(
             out.extend(reward_stats("eval", cfg.beta, &pc, &pr, rc, rr));
             Ok(out)
         },
-        |p, step| {
-            Ok(checkpoint::save(
-                p,
-                &out.join(format!("checkpoint-{step}")),
-            )?)
-        },
+        |p, step| super::save_checkpoint(p, out, step),
         &mut log,
         progress,
     )?;
-    checkpoint::save(&params, out)?;
-    let mut metrics = log.finish()?;
-    metrics.remove("lr");
+    let metrics = super::finish(&params, log, out)?;
     Ok(metrics)
 }

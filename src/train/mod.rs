@@ -143,3 +143,28 @@ pub fn fit<D: Device<f32>>(
     }
     Ok(())
 }
+
+/// Save an intermediate checkpoint as `out/checkpoint-STEP/`.
+pub fn save_checkpoint<D: Device<f32>>(
+    params: &LlamaParams<f32, D>,
+    out: &std::path::Path,
+    step: usize,
+) -> Result<(), TrainError> {
+    Ok(crate::model::checkpoint::save(
+        params,
+        &out.join(format!("checkpoint-{step}")),
+    )?)
+}
+
+/// Save the final model into `out`, close the metrics log, and return the
+/// last value of every logged metric (the learning rate left out).
+pub fn finish<D: Device<f32>>(
+    params: &LlamaParams<f32, D>,
+    log: MetricsLog,
+    out: &std::path::Path,
+) -> Result<crate::stages::Metrics, TrainError> {
+    crate::model::checkpoint::save(params, out)?;
+    let mut metrics = log.finish()?;
+    metrics.remove("lr");
+    Ok(metrics)
+}

@@ -161,18 +161,11 @@ pub fn train(
             })
         },
         |p| Ok(eval.map(|e| evaluate(p, e)).unwrap_or_default()),
-        |p, step| {
-            Ok(checkpoint::save(
-                p,
-                &out.join(format!("checkpoint-{step}")),
-            )?)
-        },
+        |p, step| super::save_checkpoint(p, out, step),
         &mut log,
         progress,
     )?;
-    checkpoint::save(&params, out)?;
-    let mut metrics = log.finish()?;
-    metrics.remove("lr");
+    let mut metrics = super::finish(&params, log, out)?;
     if let Some(start) = start {
         metrics.extend(start.into_iter().map(|(k, v)| (format!("{k}_start"), v)));
     }
