@@ -18,7 +18,9 @@ use std::path::Path;
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::model_files::{copy_tokenizer, model_outputs, pad_id, upstream_tokenizer};
+use super::model_files::{
+    copy_tokenizer, finetune_inputs, model_outputs, pad_id, upstream_tokenizer, validate_finetune,
+};
 use super::pairs::load_pairs;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
 use crate::data::tokenize::TokenCache;
@@ -76,16 +78,12 @@ impl StageKind for DpoSettings {
     const SUMMARY: &'static str = "direct preference optimisation against a frozen reference";
 
     fn inputs(&self) -> Vec<Input> {
-        let mut inputs = vec![
-            Input::stage("from", &self.from),
-            Input::data("data", &self.data),
-        ];
+        let mut inputs = finetune_inputs(&self.from, &self.data, self.eval_data.as_ref());
         inputs.extend(
             self.reference
                 .as_ref()
                 .map(|r| Input::stage("reference", r)),
         );
-        inputs.extend(self.eval_data.as_ref().map(|e| Input::data("eval_data", e)));
         inputs
     }
 
@@ -108,10 +106,7 @@ impl StageKind for DpoSettings {
                 "applies to the sigmoid loss only".into(),
             ));
         }
-        if self.max_len < 2 {
-            return Err(("max_len".into(), "must be at least 2".into()));
-        }
-        self.train.validate()
+        validate_finetune(self.max_len, &self.train)
     }
 
     fn outputs(&self) -> Option<Vec<String>> {

@@ -3,8 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{StageContext, StageError, StageRef};
+use super::{DataSource, Input, StageContext, StageError, StageRef};
 use crate::data::tokenize::{self, LoadedTokenizer};
+use crate::train::optim::TrainSettings;
 
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
@@ -48,4 +49,23 @@ pub fn pad_id(tok: &LoadedTokenizer) -> usize {
     tok.tokenizer
         .token_to_id(crate::data::chat::PAD)
         .expect("checked when loaded") as usize
+}
+
+/// The inputs every finetuning stage has: `from`, `data`, optional `eval_data`.
+pub fn finetune_inputs(
+    from: &StageRef,
+    data: &DataSource,
+    eval_data: Option<&DataSource>,
+) -> Vec<Input> {
+    let mut inputs = vec![Input::stage("from", from), Input::data("data", data)];
+    inputs.extend(eval_data.map(|e| Input::data("eval_data", e)));
+    inputs
+}
+
+/// The checks every finetuning stage shares: `max_len` and `train`.
+pub fn validate_finetune(max_len: usize, train: &TrainSettings) -> Result<(), (String, String)> {
+    if max_len < 2 {
+        return Err(("max_len".into(), "must be at least 2".into()));
+    }
+    train.validate()
 }

@@ -14,7 +14,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model_files::{copy_tokenizer, model_outputs, pad_id, upstream_tokenizer};
+use super::model_files::{
+    copy_tokenizer, finetune_inputs, model_outputs, pad_id, upstream_tokenizer, validate_finetune,
+};
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
 use crate::data::formats;
 use crate::data::tokenize::{self, LoadedTokenizer, TokenCache};
@@ -53,19 +55,11 @@ impl StageKind for SftSettings {
     const SUMMARY: &'static str = "finetune a model on demonstrations, loss on responses only";
 
     fn inputs(&self) -> Vec<Input> {
-        let mut inputs = vec![
-            Input::stage("from", &self.from),
-            Input::data("data", &self.data),
-        ];
-        inputs.extend(self.eval_data.as_ref().map(|e| Input::data("eval_data", e)));
-        inputs
+        finetune_inputs(&self.from, &self.data, self.eval_data.as_ref())
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
-        if self.max_len < 2 {
-            return Err(("max_len".into(), "must be at least 2".into()));
-        }
-        self.train.validate()
+        validate_finetune(self.max_len, &self.train)
     }
 
     fn outputs(&self) -> Option<Vec<String>> {
