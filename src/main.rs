@@ -178,6 +178,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let report = runner::run(&project, &exp, &options)?;
             print_run_report(&report, dry_run);
+            if !dry_run {
+                print_eval_summary(&report.results_dir)?;
+            }
         }
         Command::Plan { experiment, json } => {
             let exp = load(&project, &experiment)?;
@@ -474,6 +477,24 @@ fn set_table_format() {
             std::env::set_var(var, value);
         }
     }
+}
+
+/// The eval table of a run, when the experiment has an eval stage.
+fn print_eval_summary(results_dir: &std::path::Path) -> Result<()> {
+    use posttrain::results::eval_table;
+    let Ok(df) = eval_table::read_eval(results_dir) else {
+        return Ok(());
+    };
+    set_table_format();
+    let summary = eval_table::summary(&df).context("cannot summarise the eval table")?;
+    println!(
+        "\nEval (gold = the synthetic world's gold score, [low, high] its 95% bootstrap interval; kl in nats):\n{summary}"
+    );
+    println!(
+        "Full table: {}",
+        results_dir.join(eval_table::EVAL_FILE).display()
+    );
+    Ok(())
 }
 
 fn print_run_report(report: &runner::RunReport, dry_run: bool) {

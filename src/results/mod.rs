@@ -3,8 +3,10 @@
 //! key was made of, for `plan` and `gc`), and comparing experiments.
 
 pub mod compare;
+pub mod eval_table;
 pub mod record;
 pub mod runs_table;
+pub mod stats;
 
 use std::path::{Path, PathBuf};
 

@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::experiment::Experiment;
 use crate::plan::{make_plan, HashCache, Plan, PlanError, Reason};
 use crate::results::record::{RunRecord, StageRecord};
-use crate::results::{experiment_dir, runs_table};
+use crate::results::{eval_table, experiment_dir, runs_table};
 use crate::stages::{Metrics, StageContext, StageError};
 use crate::store::{BuiltBy, Manifest};
 use crate::text::did_you_mean;
@@ -377,6 +377,8 @@ fn write_results(
     let order: Vec<String> = plan.stages.iter().map(|s| s.name.clone()).collect();
     let mut df = runs_table::runs_frame(&record, &order)?;
     runs_table::write_runs(&mut df, dir)?;
+    let mut eval = eval_table::gather(&record, &order)?;
+    eval_table::write_eval(eval.as_mut(), dir)?;
     link_entries(project, &record, dir);
     Ok(())
 }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::model_files::{
     copy_tokenizer, finetune_inputs, model_outputs, pad_id, upstream_tokenizer, validate_finetune,
 };
-use super::pairs::load_pairs;
+use super::token_data::load_pairs;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
 use crate::data::tokenize::TokenCache;
 use crate::train::dpo::{self, DpoConfig, PairExamples};

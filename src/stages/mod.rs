@@ -5,17 +5,19 @@
 //! the `stage_kinds!` invocation below. Bump `RECIPE_VERSION` whenever a code
 //! change alters what the stage writes: it is part of the cache key.
 
+pub mod best_of_n;
 pub mod context;
 pub mod dataset;
 pub mod dpo;
+pub mod eval;
 pub mod inputs;
 pub mod load;
 pub mod model_files;
-pub mod pairs;
 pub mod pretrain;
 pub mod reward;
 pub mod sft;
 pub mod synth;
+pub mod token_data;
 pub mod tokenizer;
 
 use std::collections::BTreeMap;
@@ -125,6 +127,8 @@ stage_kinds! {
     Sft => sft::SftSettings,
     Dpo => dpo::DpoSettings,
     Reward => reward::RewardSettings,
+    BestOfN => best_of_n::BestOfNSettings,
+    Eval => eval::EvalSettings,
 }
 
 /// Final metrics of a stage, by name.

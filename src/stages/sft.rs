@@ -17,10 +17,10 @@ use serde::{Deserialize, Serialize};
 use super::model_files::{
     copy_tokenizer, finetune_inputs, model_outputs, pad_id, upstream_tokenizer, validate_finetune,
 };
+use super::token_data::load_demonstrations;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
-use crate::data::formats;
-use crate::data::tokenize::{self, LoadedTokenizer, TokenCache};
-use crate::train::causal_lm::{self, Init, LmData, LmExamples};
+use crate::data::tokenize::TokenCache;
+use crate::train::causal_lm::{self, Init, LmData};
 use crate::train::optim::TrainSettings;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,9 +70,9 @@ impl StageKind for SftSettings {
         let (tok, tok_path) = upstream_tokenizer(ctx, &self.from)?;
         let mut cache = TokenCache::new(ctx.cache_dir.join("tokens"));
         ctx.progress.set_message("tokenizing");
-        let train_data = self.examples(ctx, &self.data, &tok, &mut cache)?;
+        let train_data = load_demonstrations(ctx, &self.data, &tok, &mut cache, self.max_len)?;
         let eval_data = match &self.eval_data {
-            Some(e) => Some(self.examples(ctx, e, &tok, &mut cache)?),
+            Some(e) => Some(load_demonstrations(ctx, e, &tok, &mut cache, self.max_len)?),
             None => None,
         };
         let mut metrics = causal_lm::train(
@@ -90,41 +90,5 @@ impl StageKind for SftSettings {
         copy_tokenizer(&tok_path, ctx.out_dir)?;
         metrics.insert("train_examples".into(), train_data.len() as f64);
         Ok(metrics)
-    }
-}
-
-impl SftSettings {
-    /// Prompt tokens (not trained) then response tokens (trained), cut to `max_len`.
-    fn examples(
-        &self,
-        ctx: &StageContext,
-        source: &DataSource,
-        tok: &LoadedTokenizer,
-        cache: &mut TokenCache,
-    ) -> Result<LmExamples, StageError> {
-        let (df, path) = ctx.load(source)?;
-        let rows = formats::load_demonstrations(&df, &path, source.format)?;
-        let table = tokenize::demonstrations(tok, &rows, cache)?;
-        let mut out = LmExamples::default();
-        for (prompt, response) in table.column("prompt").iter().zip(table.column("response")) {
-            let mut tokens: Vec<u32> = prompt.iter().chain(response).copied().collect();
-            let mut trained: Vec<bool> = std::iter::repeat_n(false, prompt.len())
-                .chain(std::iter::repeat_n(true, response.len()))
-                .collect();
-            tokens.truncate(self.max_len);
-            trained.truncate(self.max_len);
-            if trained.iter().any(|t| *t) {
-                out.tokens.push(tokens);
-                out.trained.push(trained);
-            }
-        }
-        if out.is_empty() {
-            return Err(StageError::Failed(format!(
-                "{}: no demonstration has a response within `max_len` = {} tokens",
-                path.display(),
-                self.max_len
-            )));
-        }
-        Ok(out)
     }
 }

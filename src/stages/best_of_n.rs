@@ -1,0 +1,337 @@
+//! `best_of_n`: for each prompt, sample the largest n responses from the
+//! policy, score each with the reward model, and for every n listed keep
+//! the best of the first n samples (so the n's share samples and rise
+//! together). No training at all: the cheap alternative to RL.
+//!
+//! KL(best-of-n || policy) is at most log n - (n-1)/n (Beirami et al.
+//! 2024); it is reported next to each n.
+//!
+//! Writes `best_of_n.parquet` (one row per prompt and n), `samples.parquet`
+//! (every sample with its score) and `demonstrations.parquet` (the largest
+//! n's picks as prompt + response, for a further `sft` stage: rejection-
+//! sampling finetuning).
+//!
+//! ```toml
+//! [stages.bon]
+//! kind = "best_of_n"
+//! policy = "sft"
+//! reward_model = "rm"
+//! prompts = { stage = "world", file = "prompts_test.parquet", max_rows = 200 }
+//! n = [1, 4, 16]
+//! ```
+
+use std::path::Path;
+
+use polars::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::model_files::{pad_id, upstream_tokenizer};
+use super::token_data::load_prompts;
+use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
+use crate::data::chat::END_OF_TURN;
+use crate::data::DataError;
+use crate::model::frozen::FrozenModel;
+use crate::model::generate::SampleSettings;
+use crate::results::stats::best_of_n_kl_bound;
+
+pub const BEST_FILE: &str = "best_of_n.parquet";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BestOfNSettings {
+    /// The model that samples. Required.
+    pub policy: StageRef,
+    /// The reward stage that picks. Required.
+    pub reward_model: StageRef,
+    /// Prompts to answer. Required.
+    #[serde(deserialize_with = "DataSource::from_str_or_table")]
+    pub prompts: DataSource,
+    /// The n's to report. Default [1, 4, 16].
+    #[serde(default = "default_n")]
+    pub n: Vec<usize>,
+    /// How samples are drawn. Default temperature 1.0, 48 new tokens.
+    #[serde(default)]
+    pub sampling: SampleSettings,
+    /// Sequences per forward pass. Default 32.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+}
+
+fn default_n() -> Vec<usize> {
+    vec![1, 4, 16]
+}
+fn default_batch_size() -> usize {
+    32
+}
+
+impl StageKind for BestOfNSettings {
+    const KIND: &'static str = "best_of_n";
+    const RECIPE_VERSION: u32 = 1;
+    const SUMMARY: &'static str = "sample n answers per prompt, keep the reward model's favourite";
+
+    fn inputs(&self) -> Vec<Input> {
+        vec![
+            Input::stage("policy", &self.policy),
+            Input::stage("reward_model", &self.reward_model),
+            Input::data("prompts", &self.prompts),
+        ]
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.n.is_empty() || self.n.contains(&0) {
+            return Err((
+                "n".into(),
+                format!(
+                    "list one or more sample counts of at least 1, e.g. [1, 4, 16]; got {:?}",
+                    self.n
+                ),
+            ));
+        }
+        if self.batch_size == 0 || self.sampling.max_new_tokens == 0 {
+            return Err((
+                "batch_size".into(),
+                "`batch_size` and `sampling.max_new_tokens` must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn outputs(&self) -> Option<Vec<String>> {
+        Some(vec![
+            BEST_FILE.into(),
+            "samples.parquet".into(),
+            "demonstrations.parquet".into(),
+        ])
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
+        let (tok, _) = upstream_tokenizer(ctx, &self.policy)?;
+        let pad = pad_id(&tok);
+        let end = tok
+            .tokenizer
+            .token_to_id(END_OF_TURN)
+            .expect("checked when loaded") as usize;
+        let prompts = load_prompts(ctx, &self.prompts, &tok)?;
+        let policy = FrozenModel::load(ctx.stage_dir(&self.policy)?)?;
+        let rm = FrozenModel::load(ctx.stage_dir(&self.reward_model)?)?;
+        if !rm.has_score_head() {
+            return Err(StageError::Failed(format!(
+                "`reward_model` = `{}` has no score head: name a `reward` stage",
+                self.reward_model.name()
+            )));
+        }
+        let max_n = *self.n.iter().max().expect("validated non-empty");
+
+        // Sample j of prompt i sits at i * max_n + j.
+        ctx.progress
+            .set_message(format!("sampling {max_n} per prompt"));
+        let repeated: Vec<Vec<usize>> = prompts
+            .ids
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), max_n))
+            .collect();
+        let responses = policy.generate(
+            &repeated,
+            end,
+            pad,
+            &self.sampling,
+            ctx.seed,
+            self.batch_size,
+        );
+        let finished: Vec<bool> = responses
+            .iter()
+            .map(|r| r.len() < self.sampling.max_new_tokens)
+            .collect();
+        ctx.progress.set_message("scoring");
+        let sequences: Vec<Vec<usize>> = repeated
+            .iter()
+            .zip(&responses)
+            .zip(&finished)
+            .map(|((p, r), f)| {
+                let mut s = [p.as_slice(), r.as_slice()].concat();
+                if *f {
+                    s.push(end);
+                }
+                s
+            })
+            .collect();
+        let rewards = rm.scores(&sequences, pad, self.batch_size);
+        let texts = responses
+            .iter()
+            .map(|r| {
+                let ids: Vec<u32> = r.iter().map(|i| *i as u32).collect();
+                tok.tokenizer
+                    .decode(&ids, false)
+                    .map_err(|e| StageError::Failed(format!("cannot decode a sample: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut samples = df!(
+            "prompt" => prompts.rendered.iter().flat_map(|p| std::iter::repeat_n(p.clone(), max_n)).collect::<Vec<_>>(),
+            "sample" => (0..repeated.len()).map(|k| (k % max_n) as u32).collect::<Vec<_>>(),
+            "response" => texts.clone(),
+            "reward" => rewards.clone(),
+            "length" => responses.iter().map(|r| r.len() as u32).collect::<Vec<_>>(),
+            "finished" => finished.clone(),
+        )
+        .map_err(DataError::from)?;
+        crate::data::write_parquet(&mut samples, &ctx.out("samples.parquet"))?;
+
+        let mut ns = self.n.clone();
+        ns.sort_unstable();
+        ns.dedup();
+        let mut best = BestRows::default();
+        let mut metrics = Metrics::new();
+        for &n in &ns {
+            let mut total = 0.0;
+            for i in 0..prompts.len() {
+                let first = i * max_n;
+                // The highest score among the first n; the earliest on ties.
+                let pick = (first..first + n)
+                    .reduce(|a, b| if rewards[b] > rewards[a] { b } else { a })
+                    .expect("n >= 1");
+                total += f64::from(rewards[pick]);
+                best.push(
+                    &prompts.rendered[i],
+                    &prompts.questions[i],
+                    n,
+                    pick,
+                    &texts,
+                    &responses,
+                    &finished,
+                    rewards[pick],
+                );
+            }
+            metrics.insert(format!("reward/n={n}"), total / prompts.len() as f64);
+            metrics.insert(format!("kl_bound/n={n}"), best_of_n_kl_bound(n));
+        }
+        best.write(ctx, *ns.last().expect("non-empty"))?;
+        metrics.insert("prompts".into(), prompts.len() as f64);
+        Ok(metrics)
+    }
+}
+
+/// The picks, as columns.
+#[derive(Default)]
+struct BestRows {
+    prompt: Vec<String>,
+    question: Vec<String>,
+    n: Vec<u32>,
+    response: Vec<String>,
+    reward: Vec<f32>,
+    length: Vec<u32>,
+    finished: Vec<bool>,
+    kl_bound: Vec<f64>,
+}
+
+impl BestRows {
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        prompt: &str,
+        question: &str,
+        n: usize,
+        pick: usize,
+        texts: &[String],
+        responses: &[Vec<usize>],
+        finished: &[bool],
+        reward: f32,
+    ) {
+        self.prompt.push(prompt.to_string());
+        self.question.push(question.to_string());
+        self.n.push(n as u32);
+        self.response.push(texts[pick].clone());
+        self.reward.push(reward);
+        self.length.push(responses[pick].len() as u32);
+        self.finished.push(finished[pick]);
+        self.kl_bound.push(best_of_n_kl_bound(n));
+    }
+
+    fn write(self, ctx: &StageContext, largest: usize) -> Result<(), StageError> {
+        let keep: Vec<bool> = self.n.iter().map(|n| *n as usize == largest).collect();
+        let pick = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .map(|(x, _)| x.clone())
+                .collect()
+        };
+        let mut demos = df!(
+            "prompt" => pick(&self.question),
+            "response" => pick(&self.response),
+        )
+        .map_err(DataError::from)?;
+        crate::data::write_parquet(&mut demos, &ctx.out("demonstrations.parquet"))?;
+        let mut df = df!(
+            "prompt" => self.prompt,
+            "question" => self.question,
+            "n" => self.n,
+            "response" => self.response,
+            "reward" => self.reward,
+            "length" => self.length,
+            "finished" => self.finished,
+            "kl_bound" => self.kl_bound,
+        )
+        .map_err(DataError::from)?;
+        crate::data::write_parquet(&mut df, &ctx.out(BEST_FILE))?;
+        Ok(())
+    }
+}
+
+/// One pick of `best_of_n.parquet`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pick {
+    pub response: String,
+    pub tokens: usize,
+    pub finished: bool,
+}
+
+/// The picks of a `best_of_n.parquet` by (rendered prompt, n).
+pub fn read_best(df: &DataFrame, path: &Path) -> Result<super::eval::Picks, StageError> {
+    let bad = |e: PolarsError| {
+        StageError::Failed(format!("{}: not a best_of_n output: {e}", path.display()))
+    };
+    let text = |c: &str| -> Result<Vec<String>, StageError> {
+        Ok(df
+            .column(c)
+            .and_then(|c| c.str().cloned())
+            .map_err(bad)?
+            .iter()
+            .map(|v| v.unwrap_or("").to_string())
+            .collect())
+    };
+    let int = |c: &str| -> Result<Vec<usize>, StageError> {
+        Ok(df
+            .column(c)
+            .and_then(|c| c.cast(&DataType::UInt64))
+            .and_then(|c| c.u64().cloned())
+            .map_err(bad)?
+            .iter()
+            .map(|v| v.unwrap_or(0) as usize)
+            .collect())
+    };
+    let (prompt, response) = (text("prompt")?, text("response")?);
+    let (n, length) = (int("n")?, int("length")?);
+    let finished: Vec<bool> = df
+        .column("finished")
+        .and_then(|c| c.bool().cloned())
+        .map_err(bad)?
+        .iter()
+        .map(|v| v.unwrap_or(false))
+        .collect();
+    Ok(prompt
+        .into_iter()
+        .zip(n)
+        .zip(response.into_iter().zip(length).zip(finished))
+        .map(|(k, ((response, tokens), finished))| {
+            (
+                k,
+                Pick {
+                    response,
+                    tokens,
+                    finished,
+                },
+            )
+        })
+        .collect())
+}
