@@ -83,7 +83,12 @@ enum Command {
         /// Also write the table to FILE (.parquet or .csv)
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// Compare the stages' final metrics (runs.parquet) instead of the eval rows
+        #[arg(long)]
+        runs: bool,
     },
+    /// Write results/EXP/report.html: the eval and runs tables and every plot in one page
+    Report { experiment: String },
     /// Answer prompts with a model stage of an experiment (interactive without --prompt)
     Sample {
         experiment: String,
@@ -319,12 +324,48 @@ fn run(cli: Cli) -> Result<ExitCode> {
             metrics,
             sort,
             out,
+            runs,
         } => {
-            use posttrain::results::compare;
+            use posttrain::results::{compare, eval_table, experiment_plots, plots};
             set_table_format();
-            let df = compare::compare_table(&project.root, &experiments)?;
-            let mut df = compare::select_and_sort(df, &metrics, sort.as_deref())?;
+            let eval = if runs {
+                None
+            } else {
+                compare::eval_table(&project.root, &experiments)?
+            };
+            let mut df = match &eval {
+                Some(all) => {
+                    // The eval table is wide: the summary columns unless asked.
+                    let shown: Vec<String> = if metrics.is_empty() {
+                        eval_table::SUMMARY_COLUMNS[1..]
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect()
+                    } else {
+                        metrics.clone()
+                    };
+                    compare::select_and_sort(
+                        all.clone(),
+                        &compare::EVAL_ID_COLUMNS,
+                        &shown,
+                        sort.as_deref(),
+                    )?
+                }
+                None => {
+                    let df = compare::compare_table(&project.root, &experiments)?;
+                    compare::select_and_sort(df, &compare::ID_COLUMNS, &metrics, sort.as_deref())?
+                }
+            };
             println!("{df}");
+            if let Some(all) = &eval {
+                let dir = project.root.join("results").join("compare");
+                let points = experiment_plots::policy_points(all, true)?;
+                let title = format!("{}: reward vs KL to the reference", experiments.join(", "));
+                let written = plots::reward_vs_kl(&points, &title, &dir)?;
+                if let Some(svg) = written.first() {
+                    eprintln!("reward vs KL of these policies: {}", svg.display());
+                }
+            }
             if experiments.len() == 2 {
                 let changed =
                     compare::changed_settings(&project.root, &experiments[0], &experiments[1]);
@@ -346,6 +387,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 compare::write_table(&mut df, &path)?;
                 eprintln!("wrote {}", path.display());
             }
+        }
+        Command::Report { experiment } => {
+            let exp = load(&project, &experiment)?;
+            let dir = posttrain::results::experiment_dir(&project.root, &exp.name);
+            let path = posttrain::results::report::write_report(&dir, &exp.name)?;
+            println!("{}", path.display());
         }
         Command::Sample {
             experiment,

@@ -1,5 +1,6 @@
-//! `posttrain compare`: the last runs of several experiments in one table
-//! (one row per stage, one column per metric), and for two experiments the
+//! `posttrain compare`: the eval rows of several experiments in one table
+//! (one row per evaluated policy), or their last runs (one row per stage,
+//! one column per final metric), and for two experiments the
 //! settings that differ between stages of the same name, like
 //! `dvc exp show --only-changed`.
 
@@ -12,7 +13,10 @@ use super::record::RunRecord;
 use super::runs_table::read_runs;
 use crate::data::{write_parquet, DataError};
 
-/// Fixed leading columns of the comparison table.
+/// Leading columns of the eval comparison.
+pub const EVAL_ID_COLUMNS: [&str; 3] = ["experiment", "eval_stage", "policy"];
+
+/// Fixed leading columns of the runs comparison.
 pub const ID_COLUMNS: [&str; 5] = ["experiment", "stage", "kind", "status", "duration_s"];
 
 #[derive(Debug, thiserror::Error)]
@@ -99,10 +103,32 @@ pub fn compare_table(root: &Path, experiments: &[String]) -> Result<DataFrame, C
     Ok(DataFrame::new_infer_height(columns)?)
 }
 
-/// Keep the id columns and the chosen metrics; sort by a column (descending
-/// for metrics, so the best-scoring rows come first when higher is better).
+/// The eval rows (one per policy) of every experiment that has an eval
+/// table, or `None` when none has; an experiment never run is an error.
+pub fn eval_table(root: &Path, experiments: &[String]) -> Result<Option<DataFrame>, CompareError> {
+    let mut out: Option<DataFrame> = None;
+    for exp in experiments {
+        let dir = super::experiment_dir(root, exp);
+        if read_runs(&dir).is_err() {
+            return Err(CompareError::NoResults(exp.clone()));
+        }
+        let Ok(df) = super::eval_table::read_eval(&dir) else {
+            continue;
+        };
+        out = Some(match out {
+            None => df,
+            Some(prev) => prev.vstack(&df)?,
+        });
+    }
+    Ok(out)
+}
+
+/// Keep the `ids` columns and the chosen metrics; sort by a column
+/// (descending for metrics, so the best-scoring rows come first when
+/// higher is better).
 pub fn select_and_sort(
     df: DataFrame,
+    ids: &[&str],
     metrics: &[String],
     sort: Option<&str>,
 ) -> Result<DataFrame, CompareError> {
@@ -126,7 +152,7 @@ pub fn select_and_sort(
         for m in metrics {
             check(m)?;
         }
-        let keep: Vec<String> = ID_COLUMNS
+        let keep: Vec<String> = ids
             .iter()
             .map(|s| s.to_string())
             .chain(metrics.iter().cloned())
@@ -135,7 +161,7 @@ pub fn select_and_sort(
     }
     if let Some(col) = sort {
         check(col)?;
-        let descending = !ID_COLUMNS.contains(&col);
+        let descending = !ids.contains(&col);
         df = df.sort(
             [col],
             SortMultipleOptions::default()

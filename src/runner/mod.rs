@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::experiment::Experiment;
 use crate::plan::{make_plan, HashCache, Plan, PlanError, Reason};
 use crate::results::record::{RunRecord, StageRecord};
-use crate::results::{eval_table, experiment_dir, runs_table};
+use crate::results::{eval_table, experiment_dir, experiment_plots, runs_table};
 use crate::stages::{Metrics, StageContext, StageError};
 use crate::store::{BuiltBy, Manifest};
 use crate::text::did_you_mean;
@@ -362,6 +362,7 @@ fn write_results(
     stages: BTreeMap<String, StageRecord>,
     dir: &std::path::Path,
 ) -> Result<(), RunError> {
+    let ran_any = stages.values().any(|s| s.status == "ran");
     let mut merged = RunRecord::read(dir).map(|r| r.stages).unwrap_or_default();
     merged.retain(|name, _| exp.stages.contains_key(name));
     merged.extend(stages);
@@ -380,6 +381,14 @@ fn write_results(
     let mut eval = eval_table::gather(&record, &order)?;
     eval_table::write_eval(eval.as_mut(), dir)?;
     link_entries(project, &record, dir);
+    // Plots are redrawn when something ran (a cached run stays fast); a
+    // plot that cannot be drawn is a warning, not a failed run.
+    let plots = dir.join(experiment_plots::PLOTS_DIR);
+    if ran_any || !plots.exists() {
+        if let Err(e) = experiment_plots::write_plots(&record, eval.as_ref(), dir) {
+            eprintln!("warning: cannot draw the plots in {}: {e}", plots.display());
+        }
+    }
     Ok(())
 }
 

@@ -13,6 +13,7 @@ pub mod eval;
 pub mod inputs;
 pub mod load;
 pub mod model_files;
+pub mod ppo;
 pub mod pretrain;
 pub mod reward;
 pub mod sft;
@@ -127,6 +128,7 @@ stage_kinds! {
     Sft => sft::SftSettings,
     Dpo => dpo::DpoSettings,
     Reward => reward::RewardSettings,
+    Ppo => ppo::PpoSettings,
     BestOfN => best_of_n::BestOfNSettings,
     Eval => eval::EvalSettings,
 }

@@ -13,8 +13,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::model_files::{copy_tokenizer, model_outputs, pad_id, upstream_tokenizer};
+use super::token_data::pack_corpus;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
-use crate::data::tokenize::{self, TokenCache};
+use crate::data::tokenize::TokenCache;
 use crate::data::{formats, prepare};
 use crate::model::LlamaConfig;
 use crate::train::causal_lm::{self, Init, LmData, LmExamples};
@@ -149,18 +150,8 @@ impl StageKind for PretrainSettings {
         }
         ctx.progress.set_message("tokenizing");
         let mut cache = TokenCache::new(ctx.cache_dir.join("tokens"));
-        let pack = |docs: &[String], cache: &mut TokenCache| -> Result<LmExamples, StageError> {
-            let table = tokenize::corpus(&tok, docs, cache)?;
-            let stream: Vec<u32> = table.column("text").iter().flatten().copied().collect();
-            let tokens: Vec<Vec<u32>> = stream
-                .chunks_exact(self.seq_len)
-                .map(<[u32]>::to_vec)
-                .collect();
-            let trained = tokens.iter().map(|t| vec![true; t.len()]).collect();
-            Ok(LmExamples { tokens, trained })
-        };
-        let train_data = pack(&train_docs, &mut cache)?;
-        let eval_data = pack(&eval_docs, &mut cache)?;
+        let train_data = pack_corpus(&tok, &train_docs, &mut cache, self.seq_len)?;
+        let eval_data = pack_corpus(&tok, &eval_docs, &mut cache, self.seq_len)?;
         if train_data.is_empty() {
             return Err(StageError::Failed(format!(
                 "the corpus gives no sequence of {} tokens: use a smaller `seq_len` or more text",

@@ -155,3 +155,18 @@ pub fn load_prompts(
         categories: rows.into_iter().map(|r| r.category).collect(),
     })
 }
+
+/// Documents packed into one token stream (each closed by
+/// `<|endoftext|>`) cut into sequences of `seq_len`, every token trained.
+pub fn pack_corpus(
+    tok: &LoadedTokenizer,
+    docs: &[String],
+    cache: &mut TokenCache,
+    seq_len: usize,
+) -> Result<LmExamples, StageError> {
+    let table = tokenize::corpus(tok, docs, cache)?;
+    let stream: Vec<u32> = table.column("text").iter().flatten().copied().collect();
+    let tokens: Vec<Vec<u32>> = stream.chunks_exact(seq_len).map(<[u32]>::to_vec).collect();
+    let trained = tokens.iter().map(|t| vec![true; t.len()]).collect();
+    Ok(LmExamples { tokens, trained })
+}

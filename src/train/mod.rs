@@ -6,6 +6,7 @@ pub mod dpo;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
+pub mod ppo;
 pub mod preference;
 pub mod reward;
 
@@ -88,16 +89,7 @@ pub fn fit<D: Device<f32>>(
             }
             loss_sum += value;
             tokens += n;
-            let mut grads = loss.backward();
-            let g: Vec<Matrix<f32, D>> = params
-                .named()
-                .iter()
-                .map(|(_, t)| {
-                    // Parameters the loss does not reach get a zero gradient.
-                    grads.try_alloc_for(*t).expect("allocate a gradient");
-                    grads.get(*t)
-                })
-                .collect();
+            let g = gradients(params, loss);
             acc = Some(match acc {
                 None => g,
                 Some(a) => a.into_iter().zip(g).map(|(x, y)| x + y).collect(),
@@ -105,21 +97,7 @@ pub fn fit<D: Device<f32>>(
         }
         let grads = acc.expect("grad_accum >= 1");
 
-        // Clip by global norm, then step.
-        let norm = global_norm(&grads);
-        if !norm.is_finite() {
-            return Err(TrainError::NonFinite {
-                step,
-                what: "gradient norm",
-                value: norm,
-            });
-        }
-        let clip = if s.max_grad_norm > 0.0 && norm > s.max_grad_norm {
-            s.max_grad_norm / norm
-        } else {
-            1.0
-        };
-        opt.update(params, grads, lr, s, clip);
+        let norm = clipped_step(&mut opt, params, grads, lr, s, step)?;
 
         // Log.
         let secs = clock.elapsed().as_secs_f64();
@@ -142,6 +120,50 @@ pub fn fit<D: Device<f32>>(
         progress.set_message(format!("loss {loss_sum:.4}"));
     }
     Ok(())
+}
+
+/// The gradient of `loss` for every parameter, in `named()` order.
+pub(crate) fn gradients<D: Device<f32>>(
+    params: &LlamaParams<f32, D>,
+    loss: Tensor<(), f32, D, OwnedTape<f32, D>>,
+) -> Vec<Matrix<f32, D>> {
+    let mut grads = loss.backward();
+    params
+        .named()
+        .iter()
+        .map(|(_, t)| {
+            // Parameters the loss does not reach get a zero gradient.
+            grads.try_alloc_for(*t).expect("allocate a gradient");
+            grads.get(*t)
+        })
+        .collect()
+}
+
+/// Clip `grads` by their global norm (`s.max_grad_norm`) and take one
+/// AdamW step; returns the norm before clipping.
+pub(crate) fn clipped_step<D: Device<f32>>(
+    opt: &mut AdamW<D>,
+    params: &mut LlamaParams<f32, D>,
+    grads: Vec<Matrix<f32, D>>,
+    lr: f64,
+    s: &TrainSettings,
+    step: usize,
+) -> Result<f64, TrainError> {
+    let norm = global_norm(&grads);
+    if !norm.is_finite() {
+        return Err(TrainError::NonFinite {
+            step,
+            what: "gradient norm",
+            value: norm,
+        });
+    }
+    let clip = if s.max_grad_norm > 0.0 && norm > s.max_grad_norm {
+        s.max_grad_norm / norm
+    } else {
+        1.0
+    };
+    opt.update(params, grads, lr, s, clip);
+    Ok(norm)
 }
 
 /// Save an intermediate checkpoint as `out/checkpoint-STEP/`.

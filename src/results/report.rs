@@ -1,0 +1,262 @@
+//! `results/EXP/report.html`: one self-contained page per experiment (the
+//! eval table, the runs table and every plot), so a result can be mailed or
+//! archived as a single file. CSS is inline and the SVG plots are inlined as
+//! markup: the page loads nothing else.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+
+use super::runs_table::RUNS_FILE;
+use crate::data::{read_parquet, DataError};
+
+pub const REPORT_FILE: &str = "report.html";
+use super::eval_table::EVAL_FILE;
+/// Plots are shown in name order, except this one, the summary, first.
+const FIRST_PLOT: &str = "reward_vs_kl";
+
+/// Why a report could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("experiment `{0}` has no results yet: run it first (posttrain run {0})")]
+    NoResults(String),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Data(#[from] DataError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ReportError + '_ {
+    move |source| ReportError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;\
+color:#222;padding:0 1em}table{border-collapse:collapse;margin:1em 0;font-size:0.9em}\
+th,td{border:1px solid #ccc;padding:0.25em 0.6em;text-align:left;vertical-align:top;\
+max-width:40em;overflow-wrap:anywhere}th{background:#f0f0f0}td.num{text-align:right;\
+font-variant-numeric:tabular-nums}.plot svg{max-width:100%;height:auto}";
+
+/// Write `results_dir/report.html` for `experiment` and return its path.
+pub fn write_report(results_dir: &Path, experiment: &str) -> Result<PathBuf, ReportError> {
+    let read_if_present = |name: &str| -> Result<Option<DataFrame>, DataError> {
+        let path = results_dir.join(name);
+        path.exists().then(|| read_parquet(&path)).transpose()
+    };
+    let (eval, runs) = (read_if_present(EVAL_FILE)?, read_if_present(RUNS_FILE)?);
+    if eval.is_none() && runs.is_none() {
+        return Err(ReportError::NoResults(experiment.to_string()));
+    }
+    let name = escape(experiment);
+    let mut html = format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <title>posttrain report: {name}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n\
+         <h1>posttrain report</h1>\n<p>experiment <code>{name}</code></p>\n"
+    );
+    if let Some(df) = &eval {
+        html.push_str("<h2>Evaluation</h2>\n");
+        push_table(&mut html, df);
+    }
+    if let Some(df) = &runs {
+        html.push_str("<h2>Runs</h2>\n");
+        push_table(&mut html, df);
+    }
+    let plots = svg_files(&results_dir.join("plots"))?;
+    if !plots.is_empty() {
+        html.push_str("<h2>Plots</h2>\n");
+    }
+    for path in plots {
+        let svg = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy())
+            .unwrap_or_default();
+        let _ = write!(
+            html,
+            "<h3>{}</h3>\n<div class=\"plot\">\n{}\n</div>\n",
+            escape(&stem),
+            inline_svg(&svg)
+        );
+    }
+    html.push_str("</body>\n</html>\n");
+    let out = results_dir.join(REPORT_FILE);
+    std::fs::write(&out, html).map_err(io_err(&out))?;
+    Ok(out)
+}
+
+/// `*.svg` directly in `dir` (none if it does not exist), the summary plot
+/// first and the rest by name, so the page is the same on every run.
+fn svg_files(dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = entry.map_err(io_err(dir))?.path();
+        if path.is_file() && path.extension().is_some_and(|e| e == "svg") {
+            files.push(path);
+        }
+    }
+    files.sort_by_key(|p| (p.file_stem().is_none_or(|s| s != FIRST_PLOT), p.clone()));
+    Ok(files)
+}
+
+/// An SVG file's markup without its XML prolog, which is not allowed inside
+/// HTML.
+fn inline_svg(svg: &str) -> &str {
+    svg.find("<svg").map_or(svg, |at| &svg[at..])
+}
+
+fn push_table(html: &mut String, df: &DataFrame) {
+    html.push_str("<table>\n<thead><tr>");
+    for name in df.get_column_names() {
+        let _ = write!(html, "<th>{}</th>", escape(name));
+    }
+    html.push_str("</tr></thead>\n<tbody>\n");
+    for i in 0..df.height() {
+        html.push_str("<tr>");
+        for col in df.columns() {
+            let numeric = col.dtype().is_primitive_numeric();
+            let class = if numeric { " class=\"num\"" } else { "" };
+            let cell = col.get(i).map(|v| cell_text(&v)).unwrap_or_default();
+            let _ = write!(html, "<td{class}>{}</td>", escape(&cell));
+        }
+        html.push_str("</tr>\n");
+    }
+    html.push_str("</tbody>\n</table>\n");
+}
+
+/// A table cell's text: nulls blank, floats to 4 significant digits,
+/// strings unquoted.
+fn cell_text(value: &AnyValue) -> String {
+    match value {
+        AnyValue::Null => String::new(),
+        AnyValue::Float64(x) => sig4(*x),
+        AnyValue::Float32(x) => sig4(f64::from(*x)),
+        AnyValue::String(s) => s.to_string(),
+        AnyValue::StringOwned(s) => s.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// `x` to 4 significant digits: fixed-point from 0.001 to 9999, scientific
+/// outside, where fixed-point would print a row of zeros.
+fn sig4(x: f64) -> String {
+    if !x.is_finite() || x == 0.0 {
+        return x.to_string();
+    }
+    let exponent = x.abs().log10().floor() as i32;
+    if (-3..4).contains(&exponent) {
+        format!("{:.*}", (3 - exponent) as usize, x)
+    } else {
+        format!("{x:.3e}")
+    }
+}
+
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::write_parquet;
+
+    #[test]
+    fn floats_keep_four_significant_digits() {
+        let cases = [
+            (0.123456, "0.1235"),
+            (123.456, "123.5"),
+            (-2.0, "-2.000"),
+            (0.00123456, "0.001235"),
+            (12345.6, "1.235e4"),
+            (0.0, "0"),
+            (f64::NAN, "NaN"),
+        ];
+        for (x, want) in cases {
+            assert_eq!(sig4(x), want, "{x}");
+        }
+    }
+
+    #[test]
+    fn report_inlines_tables_and_plots_and_escapes_cells() {
+        let dir = tempfile::tempdir().unwrap();
+        let results = dir.path();
+        let mut eval = df!(
+            "policy" => ["sft", "<script>alert('x')</script>"],
+            "gold_reward" => [Some(0.123456), None],
+            "n" => [100i64, 100],
+        )
+        .unwrap();
+        write_parquet(&mut eval, &results.join(EVAL_FILE)).unwrap();
+        let mut runs =
+            df!("stage" => ["sft"], "status" => ["ran"], "duration_s" => [12.5]).unwrap();
+        write_parquet(&mut runs, &results.join(RUNS_FILE)).unwrap();
+        let plots = results.join("plots");
+        std::fs::create_dir_all(&plots).unwrap();
+        let svg = |text: &str| {
+            format!("<?xml version=\"1.0\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\"><text>{text}</text></svg>\n")
+        };
+        std::fs::write(plots.join("a-training.svg"), svg("curves")).unwrap();
+        std::fs::write(plots.join("reward_vs_kl.svg"), svg("frontier")).unwrap();
+        std::fs::write(plots.join("notes.txt"), "not a plot").unwrap();
+
+        let path = write_report(results, "llama-dpo").unwrap();
+        assert_eq!(path, results.join(REPORT_FILE));
+        let html = std::fs::read_to_string(&path).unwrap();
+        assert!(html.contains("<code>llama-dpo</code>"));
+        for cell in [
+            "<td>sft</td>",
+            "<td class=\"num\">0.1235</td>",
+            "<td class=\"num\"></td>",
+            "<td class=\"num\">12.50</td>",
+            "<td>ran</td>",
+        ] {
+            assert!(html.contains(cell), "report lacks {cell}");
+        }
+        assert!(html.contains("<td>&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;</td>"));
+        assert!(!html.contains("<script"), "a cell was not escaped");
+        // Plots inline, the summary first, without their XML prolog.
+        let frontier = html
+            .find("<text>frontier</text>")
+            .expect("reward_vs_kl inlined");
+        let curves = html
+            .find("<text>curves</text>")
+            .expect("training plot inlined");
+        assert!(frontier < curves);
+        assert!(html.contains("<h3>reward_vs_kl</h3>") && html.contains("<h3>a-training</h3>"));
+        assert!(!html.contains("<?xml") && !html.contains("not a plot"));
+        assert!(!html.contains("src=\"") && !html.contains("<link"));
+    }
+
+    #[test]
+    fn runs_alone_are_enough_and_nothing_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = write_report(dir.path(), "llama-dpo").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "experiment `llama-dpo` has no results yet: run it first (posttrain run llama-dpo)"
+        );
+        let mut runs = df!("stage" => ["sft"]).unwrap();
+        write_parquet(&mut runs, &dir.path().join(RUNS_FILE)).unwrap();
+        let html = std::fs::read_to_string(write_report(dir.path(), "llama-dpo").unwrap()).unwrap();
+        assert!(html.contains("<h2>Runs</h2>") && !html.contains("<h2>Evaluation</h2>"));
+    }
+}
