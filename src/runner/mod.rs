@@ -83,16 +83,18 @@ pub enum RunError {
     },
     #[error("stage `{stage}` of `{experiment}` is not built for its current settings\n  help: run it first: posttrain run {experiment} --until {stage}")]
     NotBuilt { stage: String, experiment: String },
-    #[error("stage `{stage}` ({kind}) failed: {source}\n  help: nothing was stored for it; fix the cause and run again")]
+    // The causes are not `source` fields: the message already holds them,
+    // and anyhow's `{:#}` would print them a second time.
+    #[error("stage `{stage}` ({kind}) failed: {cause}\n  help: nothing was stored for it; fix the cause and run again")]
     Stage {
         stage: String,
         kind: String,
-        source: StageError,
+        cause: StageError,
     },
-    #[error("store: {context}: {source}")]
+    #[error("store: {context}: {cause}")]
     Store {
         context: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("cannot write results: {0}")]
     Results(#[from] crate::data::DataError),
@@ -100,7 +102,7 @@ pub enum RunError {
 
 fn store_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
     let context = context.into();
-    move |source| RunError::Store { context, source }
+    move |cause| RunError::Store { context, cause }
 }
 
 /// Plan an experiment against the project's store and its last run.
@@ -324,10 +326,10 @@ fn build(
     };
     let result = stage.settings.run(&ctx);
     progress.finish_and_clear();
-    let metrics = result.map_err(|source| RunError::Stage {
+    let metrics = result.map_err(|cause| RunError::Stage {
         stage: name.clone(),
         kind: planned.kind().to_string(),
-        source,
+        cause,
     })?;
     let duration_s = clock.elapsed().as_secs_f64();
     let manifest = Manifest {

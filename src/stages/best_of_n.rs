@@ -66,7 +66,7 @@ fn default_batch_size() -> usize {
 
 impl StageKind for BestOfNSettings {
     const KIND: &'static str = "best_of_n";
-    const RECIPE_VERSION: u32 = 1;
+    const RECIPE_VERSION: u32 = 2;
     const SUMMARY: &'static str = "sample n answers per prompt, keep the reward model's favourite";
 
     fn inputs(&self) -> Vec<Input> {
@@ -218,6 +218,7 @@ struct BestRows {
     question: Vec<String>,
     n: Vec<u32>,
     response: Vec<String>,
+    response_ids: Vec<Series>,
     reward: Vec<f32>,
     length: Vec<u32>,
     finished: Vec<bool>,
@@ -241,6 +242,8 @@ impl BestRows {
         self.question.push(question.to_string());
         self.n.push(n as u32);
         self.response.push(texts[pick].clone());
+        let ids: Vec<u32> = responses[pick].iter().map(|t| *t as u32).collect();
+        self.response_ids.push(Series::new("".into(), ids));
         self.reward.push(reward);
         self.length.push(responses[pick].len() as u32);
         self.finished.push(finished[pick]);
@@ -267,6 +270,7 @@ impl BestRows {
             "question" => self.question,
             "n" => self.n,
             "response" => self.response,
+            "response_ids" => self.response_ids,
             "reward" => self.reward,
             "length" => self.length,
             "finished" => self.finished,
@@ -282,11 +286,13 @@ impl BestRows {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pick {
     pub response: String,
-    pub tokens: usize,
+    /// The sampled token ids (without the end token).
+    pub ids: Vec<usize>,
     pub finished: bool,
 }
 
-/// The picks of a `best_of_n.parquet` by (rendered prompt, n).
+/// The picks of a `best_of_n.parquet` by (rendered prompt, n), in file
+/// order for a prompt listed more than once.
 pub fn read_best(df: &DataFrame, path: &Path) -> Result<super::eval::Picks, StageError> {
     let bad = |e: PolarsError| {
         StageError::Failed(format!("{}: not a best_of_n output: {e}", path.display()))
@@ -300,18 +306,19 @@ pub fn read_best(df: &DataFrame, path: &Path) -> Result<super::eval::Picks, Stag
             .map(|v| v.unwrap_or("").to_string())
             .collect())
     };
-    let int = |c: &str| -> Result<Vec<usize>, StageError> {
-        Ok(df
-            .column(c)
-            .and_then(|c| c.cast(&DataType::UInt64))
-            .and_then(|c| c.u64().cloned())
-            .map_err(bad)?
-            .iter()
-            .map(|v| v.unwrap_or(0) as usize)
-            .collect())
-    };
     let (prompt, response) = (text("prompt")?, text("response")?);
-    let (n, length) = (int("n")?, int("length")?);
+    let n: Vec<usize> = df
+        .column("n")
+        .and_then(|c| c.cast(&DataType::UInt64))
+        .and_then(|c| c.u64().cloned())
+        .map_err(bad)?
+        .iter()
+        .map(|v| v.unwrap_or(0) as usize)
+        .collect();
+    let lists = df
+        .column("response_ids")
+        .and_then(|c| c.list().cloned())
+        .map_err(bad)?;
     let finished: Vec<bool> = df
         .column("finished")
         .and_then(|c| c.bool().cloned())
@@ -319,19 +326,28 @@ pub fn read_best(df: &DataFrame, path: &Path) -> Result<super::eval::Picks, Stag
         .iter()
         .map(|v| v.unwrap_or(false))
         .collect();
-    Ok(prompt
+    let mut picks = super::eval::Picks::new();
+    for (i, ((prompt, n), (response, finished))) in prompt
         .into_iter()
         .zip(n)
-        .zip(response.into_iter().zip(length).zip(finished))
-        .map(|(k, ((response, tokens), finished))| {
-            (
-                k,
-                Pick {
-                    response,
-                    tokens,
-                    finished,
-                },
-            )
-        })
-        .collect())
+        .zip(response.into_iter().zip(finished))
+        .enumerate()
+    {
+        let ids = match lists.get_as_series(i) {
+            Some(s) => s
+                .cast(&DataType::UInt64)
+                .and_then(|s| s.u64().cloned())
+                .map_err(bad)?
+                .iter()
+                .map(|v| v.unwrap_or(0) as usize)
+                .collect(),
+            None => Vec::new(),
+        };
+        picks.entry((prompt, n)).or_default().push_back(Pick {
+            response,
+            ids,
+            finished,
+        });
+    }
+    Ok(picks)
 }

@@ -46,7 +46,8 @@ use crate::results::stats::{self, Estimate};
 pub struct EvalSettings {
     /// Model stages or best_of_n stages to evaluate. Required, at least one.
     pub policies: Vec<StageRef>,
-    /// The model KL is measured against. Default: the first policy.
+    /// The model KL is measured against. Default: the first policy that is
+    /// a model stage (not a best_of_n stage).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<StageRef>,
     /// The policy win rates are measured against (one of `policies`).
@@ -76,8 +77,12 @@ pub struct EvalSettings {
         skip_serializing_if = "Option::is_none"
     )]
     pub comparisons: Option<DataSource>,
-    /// How answers are sampled. Default temperature 0.7, 48 new tokens.
-    #[serde(default = "default_sampling")]
+    /// How answers are sampled. Default temperature 0.7, 48 new tokens
+    /// (fields not given keep these).
+    #[serde(
+        default = "default_sampling",
+        deserialize_with = "sampling_over_default"
+    )]
     pub sampling: SampleSettings,
     /// Bootstrap resamples for the confidence intervals. Default 1000.
     #[serde(default = "default_bootstrap")]
@@ -90,6 +95,11 @@ pub struct EvalSettings {
     pub max_len: usize,
 }
 
+fn sampling_over_default<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<SampleSettings, D::Error> {
+    super::defaults::merged_over(default_sampling(), d)
+}
 fn default_sampling() -> SampleSettings {
     SampleSettings {
         temperature: 0.7,
@@ -140,7 +150,7 @@ pub const COLUMNS: [&str; 27] = [
 
 impl StageKind for EvalSettings {
     const KIND: &'static str = "eval";
-    const RECIPE_VERSION: u32 = 1;
+    const RECIPE_VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "policies on held-out prompts: gold and reward scores, KL, win rate, perplexity";
 
@@ -246,7 +256,27 @@ struct Evaluation<'a> {
 
 impl<'a> Evaluation<'a> {
     fn new(s: &'a EvalSettings, ctx: &'a StageContext<'a>) -> Result<Self, StageError> {
-        let reference_ref = s.reference.as_ref().unwrap_or(&s.policies[0]);
+        // The reference must be a model: by default the first model policy.
+        let is_model = |r: &StageRef| {
+            ctx.stage_dir(r)
+                .map(|d| d.join("config.json").exists())
+                .unwrap_or(false)
+        };
+        let reference_ref = match &s.reference {
+            Some(r) if is_model(r) => r,
+            Some(r) => {
+                return Err(StageError::Failed(format!(
+                    "`reference` = `{}` is not a model stage",
+                    r.name()
+                )))
+            }
+            None => s.policies.iter().find(|p| is_model(p)).ok_or_else(|| {
+                StageError::Failed(
+                    "no policy is a model stage: set `reference` to the model KL is measured against"
+                        .into(),
+                )
+            })?,
+        };
         let (tok, _) = upstream_tokenizer(ctx, reference_ref)?;
         let pad = pad_id(&tok);
         let end = tok
@@ -448,7 +478,7 @@ impl<'a> Evaluation<'a> {
     fn best_of_n_answers(&self, policy: &StageRef, dir: &Path) -> Result<Vec<Answers>, StageError> {
         let path = dir.join(super::best_of_n::BEST_FILE);
         let df = crate::data::read_parquet(&path)?;
-        let picks = super::best_of_n::read_best(&df, &path)?;
+        let mut picks = super::best_of_n::read_best(&df, &path)?;
         let mut ns: Vec<usize> = picks.keys().map(|(_, n)| *n).collect();
         ns.sort_unstable();
         ns.dedup();
@@ -457,43 +487,34 @@ impl<'a> Evaluation<'a> {
             let mut texts = Vec::with_capacity(self.prompts.len());
             let mut tokens = Vec::with_capacity(self.prompts.len());
             let mut finished = Vec::with_capacity(self.prompts.len());
-            for prompt in &self.prompts.rendered {
-                let pick = picks.get(&(prompt.clone(), n)).ok_or_else(|| {
-                    StageError::Failed(format!(
-                        "best_of_n stage `{}` has no answer for the eval prompt {prompt:?}: give it the same `prompts` as the eval",
-                        policy.name()
-                    ))
-                })?;
-                texts.push(pick.response.clone());
-                tokens.push(pick.tokens);
+            let mut sequences = Vec::with_capacity(self.prompts.len());
+            for (prompt, ids) in self.prompts.rendered.iter().zip(&self.prompts.ids) {
+                // A prompt listed twice has one pick per listing, in order.
+                let pick = picks
+                    .get_mut(&(prompt.clone(), n))
+                    .and_then(|queue| queue.pop_front())
+                    .ok_or_else(|| {
+                        StageError::Failed(format!(
+                            "best_of_n stage `{}` has no answer for the eval prompt {prompt:?}: give it the same `prompts` as the eval",
+                            policy.name()
+                        ))
+                    })?;
+                // Scored as sampled: the picked token ids, not re-encoded text.
+                let mut seq = [ids.as_slice(), pick.ids.as_slice()].concat();
+                if pick.finished {
+                    seq.push(self.end);
+                }
+                sequences.push(seq);
+                texts.push(pick.response);
+                tokens.push(pick.ids.len());
                 finished.push(pick.finished);
             }
-            let reward = match &self.reward_model {
-                Some(rm) => {
-                    let seqs = self
-                        .prompts
-                        .ids
-                        .iter()
-                        .zip(&texts)
-                        .zip(&finished)
-                        .map(|((p, t), f)| {
-                            let mut ids = p.clone();
-                            ids.extend(self.encode(t)?);
-                            if *f {
-                                ids.push(self.end);
-                            }
-                            Ok(ids)
-                        })
-                        .collect::<Result<Vec<_>, StageError>>()?;
-                    Some(
-                        rm.scores(&seqs, self.pad, self.s.batch_size)
-                            .into_iter()
-                            .map(f64::from)
-                            .collect(),
-                    )
-                }
-                None => None,
-            };
+            let reward = self.reward_model.as_ref().map(|rm| {
+                rm.scores(&sequences, self.pad, self.s.batch_size)
+                    .into_iter()
+                    .map(f64::from)
+                    .collect()
+            });
             out.push(Answers {
                 label: format!("{}[n={n}]", policy.name()),
                 stage: policy.name().to_string(),
@@ -546,15 +567,6 @@ impl<'a> Evaluation<'a> {
             .tokenizer
             .decode(&ids, false)
             .map_err(|e| StageError::Failed(format!("cannot decode an answer: {e}")))
-    }
-
-    fn encode(&self, text: &str) -> Result<Vec<usize>, StageError> {
-        let enc = self
-            .tok
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| StageError::Failed(format!("cannot encode an answer: {e}")))?;
-        Ok(enc.get_ids().iter().map(|i| *i as usize).collect())
     }
 
     fn write(&self, all: &[Answers], rm_accuracy: f64) -> Result<Metrics, StageError> {
@@ -722,4 +734,4 @@ fn store_key(dir: &Path) -> String {
 }
 
 /// The best_of_n file's rows by (rendered prompt, n), for eval.
-pub type Picks = HashMap<(String, usize), super::best_of_n::Pick>;
+pub type Picks = HashMap<(String, usize), std::collections::VecDeque<super::best_of_n::Pick>>;

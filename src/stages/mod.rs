@@ -8,6 +8,7 @@
 pub mod best_of_n;
 pub mod context;
 pub mod dataset;
+pub mod defaults;
 pub mod dpo;
 pub mod eval;
 pub mod inputs;

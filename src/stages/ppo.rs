@@ -88,8 +88,11 @@ pub struct PpoSettings {
     /// How the policy samples during training. Default temperature 1.0, 48 new tokens.
     #[serde(default)]
     pub sampling: SampleSettings,
-    /// `steps` = PPO iterations, `batch_size` = rollouts per iteration.
-    #[serde(default = "default_train")]
+    /// `steps` = PPO iterations, `batch_size` = rollouts per iteration,
+    /// `checkpoint_every` in iterations (`eval_every` is unused: PPO logs
+    /// its rollouts' statistics every iteration). Default steps 60, lr
+    /// 2e-5, warm-up 5; fields not given keep these.
+    #[serde(default = "default_train", deserialize_with = "train_over_default")]
     pub train: TrainSettings,
 }
 
@@ -116,6 +119,9 @@ fn default_minibatches() -> usize {
 }
 fn default_ptx_seq_len() -> usize {
     64
+}
+fn train_over_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TrainSettings, D::Error> {
+    super::defaults::merged_over(default_train(), d)
 }
 fn default_train() -> TrainSettings {
     TrainSettings {
@@ -175,13 +181,19 @@ impl StageKind for PpoSettings {
                 "`epochs` and `minibatches` must be at least 1".into(),
             ));
         }
-        if self.minibatches > self.train.batch_size {
+        if self.train.batch_size % self.minibatches != 0 {
             return Err((
                 "minibatches".into(),
                 format!(
-                    "{} minibatches cannot split `train.batch_size` = {} rollouts",
+                    "{} minibatches do not split `train.batch_size` = {} rollouts evenly",
                     self.minibatches, self.train.batch_size
                 ),
+            ));
+        }
+        if self.train.grad_accum != 1 {
+            return Err((
+                "train.grad_accum".into(),
+                "PPO takes one step per minibatch: use `minibatches` instead".into(),
             ));
         }
         if self.ptx_coef < 0.0 || (self.ptx_coef > 0.0) != self.ptx_data.is_some() {

@@ -435,6 +435,9 @@ pub fn train(
         if let Some(target) = cfg.target_kl {
             kl_coef = adaptive_kl(kl_coef, kl1, target, s.batch_size, cfg.horizon);
         }
+        if s.checkpoint_every > 0 && (it + 1) % s.checkpoint_every == 0 && it + 1 < s.steps {
+            super::save_checkpoint(&policy, out, it + 1)?;
+        }
         progress.set_position(it as u64 + 1);
         progress.set_message(format!("score {score:.3} kl {kl1:.3}"));
     }
