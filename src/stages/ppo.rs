@@ -181,7 +181,7 @@ impl StageKind for PpoSettings {
                 "`epochs` and `minibatches` must be at least 1".into(),
             ));
         }
-        if self.train.batch_size % self.minibatches != 0 {
+        if !self.train.batch_size.is_multiple_of(self.minibatches) {
             return Err((
                 "minibatches".into(),
                 format!(
