@@ -564,3 +564,66 @@ bootstrap = 10
         differ.join("\n")
     );
 }
+
+/// `normalize` shifts the reward model so the named policy's answers score
+/// 0 on average: best-of-1 sampling the same policy on the same prompts
+/// with the same seed and sampling draws exactly those answers, so its
+/// rewards average 0; without `normalize` they do not.
+#[test]
+fn reward_normalization_centres_the_policys_answers() {
+    let p = TestProject::new();
+    let toml = format!(
+        r#"{BASE}
+[stages.rm_norm]
+kind = "reward"
+from = "sft"
+data = {{ stage = "world", file = "comparisons.parquet" }}
+max_len = 64
+train = {{ steps = 100, batch_size = 12, lr = 2e-3, warmup_steps = 5, eval_every = 0 }}
+normalize = {{ policy = "sft", prompts = {{ stage = "world", file = "prompts_train.parquet" }}, sampling = {{ max_new_tokens = 12 }} }}
+
+[stages.bon_raw]
+kind = "best_of_n"
+policy = "sft"
+reward_model = "rm"
+prompts = {{ stage = "world", file = "prompts_train.parquet" }}
+n = [1]
+sampling = {{ max_new_tokens = 12 }}
+
+[stages.bon_norm]
+kind = "best_of_n"
+policy = "sft"
+reward_model = "rm_norm"
+prompts = {{ stage = "world", file = "prompts_train.parquet" }}
+n = [1]
+sampling = {{ max_new_tokens = 12 }}
+"#
+    );
+    p.write("experiments/norm.toml", &toml);
+    p.ok(&["run", "norm"]);
+    let raw = mean(&floats(
+        &frame(&p, "results/norm/stages/bon_raw/best_of_n.parquet"),
+        "reward",
+    ));
+    let norm = mean(&floats(
+        &frame(&p, "results/norm/stages/bon_norm/best_of_n.parquet"),
+        "reward",
+    ));
+    // rm and rm_norm are trained identically (same key but for `normalize`).
+    assert!(
+        raw.abs() > 1e-3,
+        "the raw reward model is already centred: {raw}"
+    );
+    assert!(norm.abs() < 1e-4, "normalized mean {norm} (raw {raw})");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.path("results/norm/stages/rm_norm/config.json")).unwrap(),
+    )
+    .unwrap();
+    let offset = config["reward_offset"]
+        .as_f64()
+        .expect("reward_offset stored");
+    assert!(
+        (offset + raw).abs() < 1e-4,
+        "offset {offset} vs raw mean {raw}"
+    );
+}

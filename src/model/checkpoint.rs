@@ -88,6 +88,21 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig, CheckpointError> {
     Ok(cfg)
 }
 
+/// Set `reward_offset` in a model folder's config.json (the other fields
+/// are kept as written).
+pub fn set_reward_offset(dir: &Path, offset: f64) -> Result<(), CheckpointError> {
+    let path = dir.join(CONFIG_FILE);
+    let bytes = std::fs::read(&path).map_err(io(&path))?;
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Config {
+            path: path.clone(),
+            message: format!("not JSON: {e}"),
+        })?;
+    value["reward_offset"] = serde_json::json!(offset);
+    let json = serde_json::to_string_pretty(&value).expect("JSON serializes");
+    std::fs::write(&path, json + "\n").map_err(io(&path))
+}
+
 /// Load a Hugging Face Llama folder onto `dev`.
 pub fn load<D: Device<f32>>(dir: &Path, dev: &D) -> Result<LlamaParams<f32, D>, CheckpointError> {
     let cfg = read_config(dir)?;

@@ -26,6 +26,10 @@ pub struct LlamaConfig {
     pub architectures: Vec<String>,
     #[serde(default = "default_model_type")]
     pub model_type: String,
+    /// Added to a reward model's score (set by the reward stage's
+    /// `normalize`); absent for other models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_offset: Option<f64>,
 }
 
 fn default_max_positions() -> usize {
@@ -66,6 +70,7 @@ impl LlamaConfig {
             tie_word_embeddings: false,
             architectures: default_architectures(),
             model_type: default_model_type(),
+            reward_offset: None,
         }
     }
 

@@ -83,15 +83,18 @@ impl FrozenModel {
         out
     }
 
-    /// The scalar head at each sequence's last token (a reward model's score).
+    /// The scalar head at each sequence's last token (a reward model's
+    /// score), plus the model's `reward_offset` when it has one.
     pub fn scores(&self, sequences: &[Vec<usize>], pad: usize, batch: usize) -> Vec<f32> {
         assert!(self.has_score_head(), "scores() needs a score head");
+        let offset = self.params.config.reward_offset.unwrap_or(0.0) as f32;
         sequences
             .chunks(batch.max(1))
             .flat_map(|chunk| {
                 let tb = TokenBatch::right_padded(chunk, pad);
                 scalar_at_last(&self.params, &tb, NoneTape).as_vec()
             })
+            .map(|x| x + offset)
             .collect()
     }
 }

@@ -73,6 +73,7 @@ impl ModelSettings {
             tie_word_embeddings: self.tie_word_embeddings,
             architectures: vec!["LlamaForCausalLM".into()],
             model_type: "llama".into(),
+            reward_offset: None,
         }
     }
 }

@@ -4,6 +4,11 @@
 //! the data has one). Rankings train on all their pairs, batched together.
 //! Held-out accuracy (ties count half) is logged every `train.eval_every`.
 //!
+//! With `normalize`, the finished model scores a policy's answers to a set
+//! of prompts and stores minus their mean as `reward_offset` in its
+//! config.json, so that policy's answers score 0 on average wherever the
+//! model is used (best_of_n, ppo, eval).
+//!
 //! ```toml
 //! [stages.rm]
 //! kind = "reward"
@@ -17,9 +22,11 @@ use serde::{Deserialize, Serialize};
 use super::model_files::{
     copy_tokenizer, finetune_inputs, model_outputs, pad_id, upstream_tokenizer, validate_finetune,
 };
-use super::token_data::load_pairs;
+use super::token_data::{load_pairs, load_prompts};
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
 use crate::data::tokenize::TokenCache;
+use crate::model::frozen::FrozenModel;
+use crate::model::generate::SampleSettings;
 use crate::train::optim::TrainSettings;
 use crate::train::reward;
 
@@ -43,6 +50,23 @@ pub struct RewardSettings {
     pub max_len: usize,
     #[serde(default)]
     pub train: TrainSettings,
+    /// Shift scores so that a policy's answers average 0. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<Normalization>,
+}
+
+/// `normalize = { policy = "sft", prompts = ... }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Normalization {
+    /// The model whose answers should score 0 on average. Required.
+    pub policy: StageRef,
+    /// The prompts it answers. Required.
+    #[serde(deserialize_with = "DataSource::from_str_or_table")]
+    pub prompts: DataSource,
+    /// How it answers. Default temperature 1.0, 48 new tokens.
+    #[serde(default)]
+    pub sampling: SampleSettings,
 }
 
 fn default_max_len() -> usize {
@@ -55,10 +79,23 @@ impl StageKind for RewardSettings {
     const SUMMARY: &'static str = "train a reward model on comparisons or rankings";
 
     fn inputs(&self) -> Vec<Input> {
-        finetune_inputs(&self.from, &self.data, self.eval_data.as_ref())
+        let mut inputs = finetune_inputs(&self.from, &self.data, self.eval_data.as_ref());
+        if let Some(n) = &self.normalize {
+            inputs.push(Input::stage("normalize.policy", &n.policy));
+            inputs.push(Input::data("normalize.prompts", &n.prompts));
+        }
+        inputs
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        if let Some(n) = &self.normalize {
+            if n.sampling.max_new_tokens == 0 {
+                return Err((
+                    "normalize.sampling.max_new_tokens".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
         validate_finetune(self.max_len, &self.train)
     }
 
@@ -87,6 +124,55 @@ impl StageKind for RewardSettings {
         )?;
         copy_tokenizer(&tok_path, ctx.out_dir)?;
         metrics.insert("pairs".into(), data.pairs.len() as f64);
+        if let Some(n) = &self.normalize {
+            ctx.progress.set_message("normalizing");
+            let (mean, std) = normalize(ctx, n, &tok)?;
+            metrics.insert("normalization_mean".into(), mean);
+            metrics.insert("normalization_std".into(), std);
+        }
         Ok(metrics)
     }
 }
+
+/// Score the policy's answers with the finished model and store minus
+/// their mean in its config.json; returns the mean and standard deviation
+/// before the shift.
+fn normalize(
+    ctx: &StageContext,
+    n: &Normalization,
+    tok: &crate::data::tokenize::LoadedTokenizer,
+) -> Result<(f64, f64), StageError> {
+    let pad = pad_id(tok);
+    let end = tok
+        .tokenizer
+        .token_to_id(crate::data::chat::END_OF_TURN)
+        .expect("checked when loaded") as usize;
+    let prompts = load_prompts(ctx, &n.prompts, tok)?;
+    let policy = FrozenModel::load(ctx.stage_dir(&n.policy)?)?;
+    let answers = policy.generate(&prompts.ids, end, pad, &n.sampling, ctx.seed, BATCH);
+    let sequences: Vec<Vec<usize>> = prompts
+        .ids
+        .iter()
+        .zip(&answers)
+        .map(|(p, a)| {
+            let mut s = [p.as_slice(), a.as_slice()].concat();
+            if a.len() < n.sampling.max_new_tokens {
+                s.push(end);
+            }
+            s
+        })
+        .collect();
+    let scores: Vec<f64> = FrozenModel::load(ctx.out_dir)?
+        .scores(&sequences, pad, BATCH)
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let mean = crate::results::stats::mean(&scores);
+    let var = scores.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / scores.len() as f64;
+    crate::model::checkpoint::set_reward_offset(ctx.out_dir, -mean)?;
+    Ok((mean, var.sqrt()))
+}
+
+/// Sequences per forward pass when normalizing (the same as best_of_n's
+/// and eval's default, so their samples of the same prompts coincide).
+const BATCH: usize = 32;

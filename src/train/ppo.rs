@@ -177,7 +177,12 @@ fn rollout(
     let (logp, entropy) = logprobs_and_entropy(policy, &batch);
     let (ref_flat, _) = logprobs_and_entropy(reference, &batch);
     let values_flat = scalar_values(value, &batch, NoneTape).as_vec();
-    let mut scores = scalar_at_last(reward, &batch, NoneTape).as_vec();
+    let offset = reward.config.reward_offset.unwrap_or(0.0) as f32;
+    let mut scores: Vec<f32> = scalar_at_last(reward, &batch, NoneTape)
+        .as_vec()
+        .into_iter()
+        .map(|x| x + offset)
+        .collect();
     if let Some(c) = cfg.score_clip {
         scores
             .iter_mut()
@@ -277,6 +282,9 @@ pub fn train(
     let reference = checkpoint::load(models.reference, &dev)?;
     let reward = checkpoint::load(models.reward, &dev)?;
     let mut value = checkpoint::load(models.reward, &dev)?;
+    // The value model starts from the reward model's weights; its head is
+    // not a reward, so the reward's normalisation does not apply to it.
+    value.config.reward_offset = None;
     let mut policy_opt = AdamW::new(&policy);
     let mut value_opt = AdamW::new(&value);
     let columns = [

@@ -104,6 +104,8 @@ pub fn train(
         // A zero head: every reward starts at 0, the loss at log 2.
         params.score = Some(dev.zeros_like(&(1, params.config.hidden_size)));
     }
+    // A new reward model: an offset of the model it starts from no longer fits.
+    params.config.reward_offset = None;
     let mut columns = vec![
         "loss",
         "lr",
