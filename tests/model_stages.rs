@@ -242,4 +242,55 @@ train = { steps = 40, batch_size = 8, lr = 5e-4, warmup_steps = 4, eval_every = 
         err.contains("not a Llama model (model_type `gpt2`"),
         "{err}"
     );
+
+    // A tokenizer without the chat tokens (as real Llama tokenizers are),
+    // here a word-level one that uses every embedding row: `load` adds the
+    // six chat tokens and grows the embeddings to match.
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.path("results/toy/stages/sft/config.json")).unwrap(),
+    )
+    .unwrap();
+    let vocab = cfg["vocab_size"].as_u64().unwrap() as usize;
+    let words: serde_json::Map<String, serde_json::Value> = (0..vocab)
+        .map(|i| (format!("w{i}"), serde_json::json!(i)))
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": words, "unk_token": "w0"}
+    });
+    let plain = p.path("models/plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(
+            p.path(&format!("results/toy/stages/sft/{f}")),
+            plain.join(f),
+        )
+        .unwrap();
+    }
+    std::fs::write(plain.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    p.write(
+        "experiments/plain.toml",
+        "[stages.m]\nkind = \"load\"\npath = \"models/plain\"\n",
+    );
+    p.ok(&["run", "plain"]);
+    let m = metrics(&p, "plain", "m");
+    assert_eq!(m["added_tokens"], 6.0);
+    assert_eq!(m["added_embeddings"], 6.0);
+    let grown: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.path("results/plain/stages/m/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(grown["vocab_size"].as_u64().unwrap() as usize, vocab + 6);
+    // The loaded model answers through the chat template.
+    p.ok(&[
+        "sample",
+        "plain",
+        "m",
+        "--prompt",
+        "w1 w2",
+        "--max-new-tokens",
+        "3",
+    ]);
 }

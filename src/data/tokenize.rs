@@ -63,6 +63,53 @@ pub fn train_bpe(
         .map_err(|e| fail("cannot serialize the tokenizer", &e))
 }
 
+/// A Hugging Face `tokenizer.json` with the chat template's special tokens
+/// added where missing (a real Llama tokenizer has none of them).
+pub struct WithChatTokens {
+    /// The tokenizer to write.
+    pub json: String,
+    /// The tokens that were added.
+    pub added: Vec<String>,
+    /// Ids the tokenizer used before (largest id + 1) and uses now.
+    pub vocab_before: usize,
+    pub vocab_after: usize,
+}
+
+pub fn with_chat_tokens(path: &Path) -> Result<WithChatTokens, DataError> {
+    let bytes = std::fs::read(path).map_err(DataError::io(path))?;
+    let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Invalid {
+        path: path.to_path_buf(),
+        message: format!("not a tokenizer.json: {e}"),
+    })?;
+    let span = |t: &Tokenizer| {
+        t.get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |m| *m as usize + 1)
+    };
+    let vocab_before = span(&tokenizer);
+    let added: Vec<String> = chat::SPECIAL_TOKENS
+        .iter()
+        .filter(|t| tokenizer.token_to_id(t).is_none())
+        .map(|t| t.to_string())
+        .collect();
+    let tokens: Vec<AddedToken> = added
+        .iter()
+        .map(|t| AddedToken::from(t.clone(), true))
+        .collect();
+    tokenizer.add_special_tokens(&tokens);
+    let json = tokenizer.to_string(true).map_err(|e| DataError::Invalid {
+        path: path.to_path_buf(),
+        message: format!("cannot serialize the tokenizer: {e}"),
+    })?;
+    Ok(WithChatTokens {
+        json,
+        added,
+        vocab_before,
+        vocab_after: span(&tokenizer),
+    })
+}
+
 /// Load a `tokenizer.json` (any Hugging Face tokenizer) and check it has
 /// the chat template's special tokens.
 pub fn load_tokenizer(path: &Path) -> Result<LoadedTokenizer, DataError> {

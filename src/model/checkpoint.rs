@@ -196,9 +196,11 @@ pub fn load<D: Device<f32>>(dir: &Path, dev: &D) -> Result<LlamaParams<f32, D>, 
 }
 
 /// Load any Hugging Face Llama folder and write it to `dst` as posttrain
-/// saves models (f32, one `model.safetensors`); returns its config.
-pub fn normalize(src: &Path, dst: &Path) -> Result<LlamaConfig, CheckpointError> {
-    let params = load(src, &crate::model::Dev::default())?;
+/// saves models (f32, one `model.safetensors`), with at least `min_vocab`
+/// embedding rows (see [`LlamaParams::grow_vocab`]); returns its config.
+pub fn normalize(src: &Path, dst: &Path, min_vocab: usize) -> Result<LlamaConfig, CheckpointError> {
+    let mut params = load(src, &crate::model::Dev::default())?;
+    params.grow_vocab(min_vocab);
     save(&params, dst)?;
     Ok(params.config)
 }
@@ -252,6 +254,39 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 mod tests {
     use super::*;
     use crate::model::llama::{logits, TokenBatch};
+
+    #[test]
+    fn growing_the_vocabulary_keeps_old_tokens_and_starts_new_ones_at_the_mean() {
+        for tied in [false, true] {
+            let mut cfg = LlamaConfig::tiny(13, 8, 2, 4, 2);
+            cfg.intermediate_size = 12;
+            cfg.tie_word_embeddings = tied;
+            let mut p = LlamaParams::<f32, Cpu>::init(&cfg, false, 3, &Cpu::default());
+            let batch = TokenBatch::right_padded(&[vec![1, 5, 7, 2]], 0);
+            let before = logits(&p, &batch, NoneTape).as_vec();
+            let old = p.embed_tokens.as_vec();
+            p.grow_vocab(16);
+            assert_eq!(p.config.vocab_size, 16);
+            assert_eq!(p.embed_tokens.shape().0, 16);
+            let new = p.embed_tokens.as_vec();
+            assert_eq!(&new[..old.len()], &old[..]);
+            let mean0: f32 = (0..13).map(|i| old[i * 8]).sum::<f32>() / 13.0;
+            assert!((new[13 * 8] - mean0).abs() < 1e-6);
+            assert!((new[15 * 8] - mean0).abs() < 1e-6);
+            let after = logits(&p, &batch, NoneTape).as_vec();
+            // Old tokens' logits are unchanged; 3 new logits per position.
+            for t in 0..4 {
+                for v in 0..13 {
+                    assert!((before[t * 13 + v] - after[t * 16 + v]).abs() < 1e-5);
+                }
+            }
+            // Saved and loaded, the grown model keeps its shape.
+            let dir = tempfile::tempdir().unwrap();
+            save(&p, dir.path()).unwrap();
+            let back: LlamaParams<f32, Cpu> = load(dir.path(), &Cpu::default()).unwrap();
+            assert_eq!(back.config.vocab_size, 16);
+        }
+    }
 
     fn tiny() -> LlamaParams<f32, Cpu> {
         let mut cfg = LlamaConfig::tiny(13, 8, 2, 4, 2);

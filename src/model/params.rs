@@ -188,3 +188,31 @@ fn normal(rng: &mut Rng) -> f64 {
     let u2 = rng.uniform();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
+
+impl<D: Device<f32>> LlamaParams<f32, D> {
+    /// Grow the vocabulary to `vocab` rows. New rows of the embedding (and
+    /// of an untied head) are the mean of the existing rows, as Hugging
+    /// Face's `resize_token_embeddings` starts them: a new token begins as
+    /// an average token, and existing tokens' outputs are unchanged.
+    pub fn grow_vocab(&mut self, vocab: usize) {
+        if vocab <= self.config.vocab_size {
+            return;
+        }
+        let grow = |m: &Matrix<f32, D>| -> Matrix<f32, D> {
+            let (rows, cols) = *m.shape();
+            let mut values = m.as_vec();
+            let mean: Vec<f32> = (0..cols)
+                .map(|j| (0..rows).map(|i| values[i * cols + j]).sum::<f32>() / rows as f32)
+                .collect();
+            for _ in rows..vocab {
+                values.extend_from_slice(&mean);
+            }
+            m.device().tensor_from_vec(values, (vocab, cols))
+        };
+        self.embed_tokens = grow(&self.embed_tokens);
+        if let Some(head) = &self.lm_head {
+            self.lm_head = Some(grow(head));
+        }
+        self.config.vocab_size = vocab;
+    }
+}

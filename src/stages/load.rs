@@ -1,7 +1,11 @@
 //! `load`: a pre-trained model from a Hugging Face Llama folder
 //! (`config.json`, `*.safetensors`, `tokenizer.json`), checked tensor by
 //! tensor and written back as posttrain's model folder. The folder's files
-//! are hashed by content, like any dataset.
+//! are hashed by content, like any dataset. A tokenizer without the chat
+//! template's special tokens (a real Llama tokenizer has none) gets them
+//! added, and the embeddings (and an untied head) grow to cover their ids,
+//! new rows starting at the mean embedding; finetune before expecting the
+//! model to use them.
 //!
 //! ```toml
 //! [stages.base]
@@ -11,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model_files::{copy_tokenizer, model_outputs, TOKENIZER_FILE};
+use super::model_files::{model_outputs, TOKENIZER_FILE};
 use super::{Input, InputTarget, Metrics, StageContext, StageError, StageKind};
 use crate::data::tokenize;
 use crate::model::checkpoint;
@@ -25,7 +29,7 @@ pub struct LoadSettings {
 
 impl StageKind for LoadSettings {
     const KIND: &'static str = "load";
-    const RECIPE_VERSION: u32 = 1;
+    const RECIPE_VERSION: u32 = 2;
     const SUMMARY: &'static str = "load a Hugging Face Llama model folder";
 
     fn inputs(&self) -> Vec<Input> {
@@ -42,7 +46,6 @@ impl StageKind for LoadSettings {
 
     fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
         let src = ctx.root.join(&self.path);
-        let config = checkpoint::normalize(&src, ctx.out_dir)?;
         let tok_path = src.join(TOKENIZER_FILE);
         if !tok_path.exists() {
             return Err(StageError::Failed(format!(
@@ -50,20 +53,35 @@ impl StageKind for LoadSettings {
                 src.display()
             )));
         }
-        let tok = tokenize::load_tokenizer(&tok_path)?;
-        if tok.tokenizer.get_vocab_size(true) > config.vocab_size {
+        let model_vocab = checkpoint::read_config(&src)?.vocab_size;
+        // The chat template's tokens are added where missing, and the
+        // embeddings grow to cover their ids.
+        let tok = tokenize::with_chat_tokens(&tok_path)?;
+        if tok.vocab_before > model_vocab {
             return Err(StageError::Failed(format!(
-                "{}: the tokenizer has {} tokens but the model only {} embeddings",
+                "{}: the tokenizer has {} tokens but the model only {model_vocab} embeddings",
                 src.display(),
-                tok.tokenizer.get_vocab_size(true),
-                config.vocab_size
+                tok.vocab_before
             )));
         }
-        copy_tokenizer(&tok_path, ctx.out_dir)?;
+        let config = checkpoint::normalize(&src, ctx.out_dir, tok.vocab_after)?;
+        let out = ctx.out(TOKENIZER_FILE);
+        if tok.added.is_empty() {
+            // Unchanged: the file as it was, byte for byte.
+            std::fs::copy(&tok_path, &out).map_err(StageError::io(&out))?;
+        } else {
+            std::fs::write(&out, &tok.json).map_err(StageError::io(&out))?;
+        }
+        tokenize::load_tokenizer(&out)?;
         // The folder has no training log; an empty one keeps the outputs uniform.
         crate::train::metrics::MetricsLog::create(&ctx.out("metrics.parquet"), &[], 1).finish()?;
         let mut metrics = Metrics::new();
         metrics.insert("parameters".into(), config.parameter_count() as f64);
+        metrics.insert("added_tokens".into(), tok.added.len() as f64);
+        metrics.insert(
+            "added_embeddings".into(),
+            config.vocab_size.saturating_sub(model_vocab) as f64,
+        );
         Ok(metrics)
     }
 }
