@@ -9,7 +9,7 @@ use dfdx::prelude::*;
 use super::checkpoint::{self, CheckpointError};
 use super::generate::{generate, SampleSettings};
 use super::llama::{scalar_at_last, token_logprobs, TokenBatch};
-use super::{Dev, LlamaParams};
+use super::{workers, Dev, LlamaParams};
 
 pub struct FrozenModel {
     params: LlamaParams<f32, Dev>,
@@ -45,21 +45,19 @@ impl FrozenModel {
         seed: u64,
         batch: usize,
     ) -> Vec<Vec<usize>> {
-        prompts
-            .chunks(batch.max(1))
-            .enumerate()
-            .flat_map(|(i, chunk)| {
-                generate(
-                    &self.params,
-                    chunk,
-                    Some(stop),
-                    pad,
-                    s,
-                    batch_seed(seed, i),
-                    true,
-                )
-            })
-            .collect()
+        let chunks: Vec<&[Vec<usize>]> = prompts.chunks(batch.max(1)).collect();
+        workers::map(&chunks, |i, chunk| {
+            generate(
+                &self.params,
+                chunk,
+                Some(stop),
+                pad,
+                s,
+                batch_seed(seed, i),
+                true,
+            )
+        })
+        .concat()
     }
 
     /// log p(response[j] | prompt, response[..j]) for every response token.
@@ -69,18 +67,22 @@ impl FrozenModel {
         pad: usize,
         batch: usize,
     ) -> Vec<Vec<f32>> {
-        let mut out = Vec::with_capacity(pairs.len());
-        for chunk in pairs.chunks(batch.max(1)) {
+        let chunks: Vec<&[(&[usize], &[usize])]> = pairs.chunks(batch.max(1)).collect();
+        workers::map(&chunks, |_, chunk| {
             let rows: Vec<Vec<usize>> = chunk.iter().map(|(p, r)| [*p, *r].concat()).collect();
             let tb = TokenBatch::right_padded(&rows, pad);
             let lp = token_logprobs(&self.params, &tb, NoneTape).as_vec();
-            for (r, (p, resp)) in chunk.iter().enumerate() {
-                // The log-prob of token t sits at column t - 1.
-                let start = r * tb.seq + p.len() - 1;
-                out.push(lp[start..start + resp.len()].to_vec());
-            }
-        }
-        out
+            chunk
+                .iter()
+                .enumerate()
+                .map(|(r, (p, resp))| {
+                    // The log-prob of token t sits at column t - 1.
+                    let start = r * tb.seq + p.len() - 1;
+                    lp[start..start + resp.len()].to_vec()
+                })
+                .collect::<Vec<_>>()
+        })
+        .concat()
     }
 
     /// The scalar head at each sequence's last token (a reward model's
@@ -88,14 +90,15 @@ impl FrozenModel {
     pub fn scores(&self, sequences: &[Vec<usize>], pad: usize, batch: usize) -> Vec<f32> {
         assert!(self.has_score_head(), "scores() needs a score head");
         let offset = self.params.config.reward_offset.unwrap_or(0.0) as f32;
-        sequences
-            .chunks(batch.max(1))
-            .flat_map(|chunk| {
-                let tb = TokenBatch::right_padded(chunk, pad);
-                scalar_at_last(&self.params, &tb, NoneTape).as_vec()
-            })
-            .map(|x| x + offset)
-            .collect()
+        let chunks: Vec<&[Vec<usize>]> = sequences.chunks(batch.max(1)).collect();
+        workers::map(&chunks, |_, chunk| {
+            let tb = TokenBatch::right_padded(chunk, pad);
+            scalar_at_last(&self.params, &tb, NoneTape).as_vec()
+        })
+        .concat()
+        .into_iter()
+        .map(|x| x + offset)
+        .collect()
     }
 }
 

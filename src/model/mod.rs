@@ -10,6 +10,7 @@ pub mod generate;
 pub mod llama;
 pub mod params;
 pub mod score;
+pub mod workers;
 
 pub use checkpoint::CheckpointError;
 pub use config::LlamaConfig;

@@ -14,7 +14,7 @@ use super::optim::TrainSettings;
 use super::{fit, StepLoss, TrainError};
 use crate::data::rng::Rng;
 use crate::model::llama::TokenBatch;
-use crate::model::{checkpoint, Dev, LlamaConfig, LlamaParams};
+use crate::model::{checkpoint, workers, Dev, LlamaConfig, LlamaParams};
 use crate::stages::Metrics;
 
 /// Token sequences and, per token, whether predicting it is trained.
@@ -83,17 +83,20 @@ fn evaluate(
     batch_size: usize,
     pad: usize,
 ) -> f64 {
-    let (mut total, mut count) = (0.0f64, 0.0f64);
     let rows: Vec<usize> = (0..examples.len()).collect();
-    for chunk in rows.chunks(batch_size.max(1)) {
+    let chunks: Vec<&[usize]> = rows.chunks(batch_size.max(1)).collect();
+    let parts = workers::map(&chunks, |_, chunk| {
         let (batch, weights) = batch_of(examples, chunk, pad);
         let n: f32 = weights.iter().sum();
         if n == 0.0 {
-            continue;
+            return (0.0, 0.0);
         }
-        total += lm_loss(params, &batch, &weights, NoneTape).as_vec()[0] as f64 * n as f64;
-        count += n as f64;
-    }
+        let loss = lm_loss(params, &batch, &weights, NoneTape).as_vec()[0] as f64;
+        (loss * n as f64, n as f64)
+    });
+    let (total, count) = parts
+        .iter()
+        .fold((0.0f64, 0.0f64), |(t, c), (pt, pc)| (t + pt, c + pc));
     total / count.max(1.0)
 }
 
@@ -124,15 +127,19 @@ pub fn train(
     fit(
         &mut params,
         s,
-        |p| {
-            let rows: Vec<usize> = (0..s.batch_size)
+        || {
+            (0..s.batch_size)
                 .map(|_| rng.below(train_data.len()))
-                .collect();
-            let (batch, weights) = batch_of(train_data, &rows, pad);
+                .collect()
+        },
+        |p, rows| {
+            let (batch, weights) = batch_of(train_data, rows, pad);
             let tokens = weights.iter().filter(|w| **w > 0.0).count();
             Ok(StepLoss {
                 loss: lm_loss(p, &batch, &weights, OwnedTape::default()),
                 tokens,
+                // lm_loss is a mean over the trained tokens.
+                units: tokens as f64,
                 extras: Vec::new(),
             })
         },

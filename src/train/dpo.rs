@@ -14,7 +14,7 @@ use super::optim::TrainSettings;
 use super::preference::{dpo_loss, sequence_logprobs, DpoLoss};
 use super::{fit, StepLoss, TrainError};
 use crate::data::rng::Rng;
-use crate::model::{checkpoint, Dev, LlamaParams};
+use crate::model::{checkpoint, workers, Dev, LlamaParams};
 use crate::stages::Metrics;
 
 /// Prompt + chosen and prompt + rejected sequences, row for row, with the
@@ -61,13 +61,27 @@ pub fn reference_logprobs(
     batch_size: usize,
 ) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
     let params = checkpoint::load(model, &Dev::default())?;
+    Ok(pair_logprobs(&params, pairs, pad, batch_size))
+}
+
+/// Sequence log-probs of every pair's chosen and rejected response, the
+/// batches spread over the workers.
+fn pair_logprobs(
+    params: &LlamaParams<f32, Dev>,
+    pairs: &PairExamples,
+    pad: usize,
+    batch_size: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let rows: Vec<usize> = (0..pairs.len()).collect();
-    let (mut c, mut r) = (Vec::new(), Vec::new());
-    for chunk in rows.chunks(batch_size.max(1)) {
-        c.extend(logprobs(&params, &pairs.chosen, chunk, pad, NoneTape).as_vec());
-        r.extend(logprobs(&params, &pairs.rejected, chunk, pad, NoneTape).as_vec());
-    }
-    Ok((c, r))
+    let chunks: Vec<&[usize]> = rows.chunks(batch_size.max(1)).collect();
+    let parts = workers::map(&chunks, |_, chunk| {
+        (
+            logprobs(params, &pairs.chosen, chunk, pad, NoneTape).as_vec(),
+            logprobs(params, &pairs.rejected, chunk, pad, NoneTape).as_vec(),
+        )
+    });
+    let (c, r): (Vec<Vec<f32>>, Vec<Vec<f32>>) = parts.into_iter().unzip();
+    (c.concat(), r.concat())
 }
 
 /// TRL-named statistics of a batch of implicit rewards `beta (log pi - log ref)`.
@@ -161,12 +175,12 @@ pub fn train(
     fit(
         &mut params,
         s,
-        |p| {
-            let rows: Vec<usize> = (0..s.batch_size).map(|_| rng.below(pairs.len())).collect();
+        || (0..s.batch_size).map(|_| rng.below(pairs.len())).collect(),
+        |p, rows| {
             let rc: Vec<f32> = rows.iter().map(|r| refs.0[*r]).collect();
             let rr: Vec<f32> = rows.iter().map(|r| refs.1[*r]).collect();
-            let pc = logprobs(p, &pairs.chosen, &rows, cfg.pad, OwnedTape::default());
-            let pr = logprobs(p, &pairs.rejected, &rows, cfg.pad, OwnedTape::default());
+            let pc = logprobs(p, &pairs.chosen, rows, cfg.pad, OwnedTape::default());
+            let pr = logprobs(p, &pairs.rejected, rows, cfg.pad, OwnedTape::default());
             let (vc, vr) = (pc.as_vec(), pr.as_vec());
             let mut extras = reward_stats("", cfg.beta, &vc, &vr, &rc, &rr);
             extras.push((
@@ -184,6 +198,7 @@ pub fn train(
             Ok(StepLoss {
                 loss: loss_of(pc, pr, &rc, &rr),
                 tokens,
+                units: rows.len() as f64,
                 extras,
             })
         },
@@ -191,12 +206,7 @@ pub fn train(
             let Some((e, rc, rr)) = eval else {
                 return Ok(Vec::new());
             };
-            let rows: Vec<usize> = (0..e.len()).collect();
-            let (mut pc, mut pr) = (Vec::new(), Vec::new());
-            for chunk in rows.chunks(s.batch_size.max(1)) {
-                pc.extend(logprobs(p, &e.chosen, chunk, cfg.pad, NoneTape).as_vec());
-                pr.extend(logprobs(p, &e.rejected, chunk, cfg.pad, NoneTape).as_vec());
-            }
+            let (pc, pr) = pair_logprobs(p, e, cfg.pad, s.batch_size);
             let dev = Dev::default();
             let (tc, tr) = (
                 dev.tensor_from_vec(pc.clone(), (pc.len(),)),

@@ -16,7 +16,7 @@ use dfdx::prelude::*;
 use indicatif::ProgressBar;
 
 use crate::model::params::Matrix;
-use crate::model::LlamaParams;
+use crate::model::{workers, LlamaParams};
 use metrics::MetricsLog;
 use optim::{global_norm, AdamW, TrainSettings};
 
@@ -34,69 +34,106 @@ pub enum TrainError {
     Checkpoint(#[from] crate::model::checkpoint::CheckpointError),
 }
 
-/// The loss of one micro-batch with its tape, how many tokens it trained
-/// on, and extra metrics to log (averaged over the step's micro-batches).
+/// The loss of some rows of a micro-batch with its tape: a mean over
+/// `units` (trained tokens, pairs), how many tokens it trained on, and
+/// extra metrics (means over the same units) to log.
 pub struct StepLoss<D: Device<f32>> {
     pub loss: Tensor<(), f32, D, OwnedTape<f32, D>>,
     pub tokens: usize,
+    pub units: f64,
     pub extras: Vec<(&'static str, f64)>,
 }
 
+/// One part's gradients, loss value and statistics.
+type PartResult<D> = (
+    Vec<Matrix<f32, D>>,
+    f64,
+    usize,
+    f64,
+    Vec<(&'static str, f64)>,
+);
+
 /// Train `params` for `s.steps` AdamW steps.
 ///
-/// - `micro_loss(params)` draws the next micro-batch and returns its loss.
-/// - `eval(params)` returns held-out metrics, logged every `eval_every` steps and at the end.
+/// - `draw()` gives the rows of the next micro-batch (`grad_accum` per step);
+/// - `loss(params, rows)` is the loss of some of those rows; the parts'
+///   gradients are combined weighted by their `units`, which gives exactly
+///   the gradient of the whole micro-batch's mean;
+/// - `eval(params)` returns held-out metrics, logged every `eval_every` steps and at the end;
 /// - `checkpoint(params, step)` is called every `checkpoint_every` steps.
-pub fn fit<D: Device<f32>>(
+#[allow(clippy::too_many_arguments)]
+pub fn fit<D>(
     params: &mut LlamaParams<f32, D>,
     s: &TrainSettings,
-    mut micro_loss: impl FnMut(&LlamaParams<f32, D>) -> Result<StepLoss<D>, TrainError>,
+    mut draw: impl FnMut() -> Vec<usize>,
+    loss: impl Fn(&LlamaParams<f32, D>, &[usize]) -> Result<StepLoss<D>, TrainError> + Sync,
     mut eval: impl FnMut(&LlamaParams<f32, D>) -> Result<Vec<(&'static str, f64)>, TrainError>,
     mut checkpoint: impl FnMut(&LlamaParams<f32, D>, usize) -> Result<(), TrainError>,
     log: &mut MetricsLog,
     progress: &ProgressBar,
-) -> Result<(), TrainError> {
+) -> Result<(), TrainError>
+where
+    D: Device<f32> + Send + Sync,
+{
     let mut opt = AdamW::new(params);
     progress.set_length(s.steps as u64);
     for step in 0..s.steps {
         let clock = Instant::now();
         let lr = s.lr_at(step);
 
-        // Micro-steps: accumulate gradients of loss / grad_accum.
+        // Micro-steps: accumulate the gradients of loss / grad_accum.
         let mut acc: Option<Vec<Matrix<f32, D>>> = None;
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
         let mut extras: Vec<(&'static str, f64)> = Vec::new();
         for _ in 0..s.grad_accum {
-            let StepLoss {
-                loss,
-                tokens: n,
-                extras: more,
-            } = micro_loss(params)?;
-            for (k, v) in more {
-                match extras.iter_mut().find(|(name, _)| *name == k) {
-                    Some(slot) => slot.1 += v / s.grad_accum as f64,
-                    None => extras.push((k, v / s.grad_accum as f64)),
-                }
-            }
-            let loss = loss * (1.0 / s.grad_accum as f32);
-            let value = loss.as_vec()[0] as f64;
-            if !value.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step,
-                    what: "loss",
+            let rows = draw();
+            // The parts of a micro-batch run at once (see model::workers).
+            let per = rows.len().div_ceil(workers::WORKERS).max(1);
+            let chunks: Vec<&[usize]> = rows.chunks(per).collect();
+            let params_ref: &LlamaParams<f32, D> = params;
+            let parts: Vec<Result<PartResult<D>, TrainError>> = workers::map(&chunks, |_, part| {
+                let StepLoss {
+                    loss: part_loss,
+                    tokens,
+                    units,
+                    extras,
+                } = loss(params_ref, part)?;
+                let value = part_loss.as_vec()[0] as f64;
+                Ok((
+                    gradients(params_ref, part_loss),
                     value,
+                    tokens,
+                    units,
+                    extras,
+                ))
+            });
+            let parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;
+            let units: f64 = parts.iter().map(|p| p.3).sum::<f64>().max(1e-12);
+            for (grads, value, n, u, more) in parts {
+                let w = u / units / s.grad_accum as f64;
+                if !value.is_finite() {
+                    return Err(TrainError::NonFinite {
+                        step,
+                        what: "loss",
+                        value,
+                    });
+                }
+                loss_sum += value * w;
+                tokens += n;
+                for (k, v) in more {
+                    match extras.iter_mut().find(|(name, _)| *name == k) {
+                        Some(slot) => slot.1 += v * w,
+                        None => extras.push((k, v * w)),
+                    }
+                }
+                let scaled: Vec<Matrix<f32, D>> = grads.into_iter().map(|g| g * w as f32).collect();
+                acc = Some(match acc {
+                    None => scaled,
+                    Some(a) => a.into_iter().zip(scaled).map(|(x, y)| x + y).collect(),
                 });
             }
-            loss_sum += value;
-            tokens += n;
-            let g = gradients(params, loss);
-            acc = Some(match acc {
-                None => g,
-                Some(a) => a.into_iter().zip(g).map(|(x, y)| x + y).collect(),
-            });
         }
         let grads = acc.expect("grad_accum >= 1");
-
         let norm = clipped_step(&mut opt, params, grads, lr, s, step)?;
 
         // Log.

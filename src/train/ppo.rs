@@ -40,7 +40,7 @@ use super::{clipped_step, gradients, TrainError};
 use crate::data::rng::Rng;
 use crate::model::generate::{generate, SampleSettings};
 use crate::model::llama::{logits, scalar_at_last, scalar_values, TokenBatch};
-use crate::model::{checkpoint, Dev, LlamaParams};
+use crate::model::{checkpoint, workers, Dev, LlamaParams};
 use crate::stages::Metrics;
 
 /// PPO's settings besides the optimizer's.
@@ -142,15 +142,21 @@ fn rollout(
     kl_coef: f64,
     seed: u64,
 ) -> Rollouts {
-    let responses = generate(
-        policy,
-        &prompts,
-        Some(cfg.end),
-        cfg.pad,
-        &cfg.sampling,
-        seed,
-        true,
-    );
+    // Two halves of the batch sample at once, each its own seeded stream.
+    let halves: Vec<&[Vec<usize>]> = prompts.chunks(prompts.len().div_ceil(2).max(1)).collect();
+    let responses: Vec<Vec<usize>> = workers::map(&halves, |i, half| {
+        let half_seed = seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        generate(
+            policy,
+            half,
+            Some(cfg.end),
+            cfg.pad,
+            &cfg.sampling,
+            half_seed,
+            true,
+        )
+    })
+    .concat();
     let max_new = cfg.sampling.max_new_tokens;
     let finished: Vec<bool> = responses.iter().map(|r| r.len() < max_new).collect();
     let rows: Vec<Vec<usize>> = prompts
@@ -174,15 +180,17 @@ fn rollout(
         .map(|(b, (p, row))| (p.len() - 1..row.len() - 1).map(|t| b * s + t).collect())
         .collect();
 
-    let (logp, entropy) = logprobs_and_entropy(policy, &batch);
-    let (ref_flat, _) = logprobs_and_entropy(reference, &batch);
-    let values_flat = scalar_values(value, &batch, NoneTape).as_vec();
+    // The four models' passes, two at a time.
+    let ((logp, entropy), (ref_flat, _)) = workers::join(
+        || logprobs_and_entropy(policy, &batch),
+        || logprobs_and_entropy(reference, &batch),
+    );
+    let (values_flat, raw_scores) = workers::join(
+        || scalar_values(value, &batch, NoneTape).as_vec(),
+        || scalar_at_last(reward, &batch, NoneTape).as_vec(),
+    );
     let offset = reward.config.reward_offset.unwrap_or(0.0) as f32;
-    let mut scores: Vec<f32> = scalar_at_last(reward, &batch, NoneTape)
-        .as_vec()
-        .into_iter()
-        .map(|x| x + offset)
-        .collect();
+    let mut scores: Vec<f32> = raw_scores.into_iter().map(|x| x + offset).collect();
     if let Some(c) = cfg.score_clip {
         scores
             .iter_mut()
@@ -349,42 +357,59 @@ pub fn train(
                 let old = gather_rows(chunk, &roll.old_logp);
                 let adv = gather_rows(chunk, &roll.advantages);
 
-                // Policy: clipped surrogate (+ PPO-ptx).
-                let lp = crate::model::llama::token_logprobs(&policy, &batch, OwnedTape::default())
-                    .reshape_like(&(batch.batch * batch.seq,))
-                    .gather(index.clone());
-                let now = lp.as_vec();
+                let ptx_rows: Option<Vec<usize>> = match (ptx, cfg.ptx_coef > 0.0) {
+                    (Some(data), true) => {
+                        Some((0..chunk.len()).map(|_| rng.below(data.len())).collect())
+                    }
+                    _ => None,
+                };
+                let old_values = gather_rows(chunk, &roll.old_values);
+                let returns = gather_rows(chunk, &roll.returns);
+                // The policy's and the value model's passes run at once.
+                let (policy_part, value_part) = workers::join(
+                    || {
+                        // Policy: clipped surrogate (+ PPO-ptx).
+                        let lp = crate::model::llama::token_logprobs(
+                            &policy,
+                            &batch,
+                            OwnedTape::default(),
+                        )
+                        .reshape_like(&(batch.batch * batch.seq,))
+                        .gather(index.clone());
+                        let now = lp.as_vec();
+                        let mut loss = ppo_policy_loss(lp, &old, &adv, cfg.clip_range);
+                        let pg = f64::from(loss.as_vec()[0]);
+                        let mut lm_value = 0.0;
+                        if let (Some(data), Some(rows)) = (ptx, &ptx_rows) {
+                            let (pb, w) = batch_of(data, rows, cfg.pad);
+                            let lm = lm_loss(&policy, &pb, &w, OwnedTape::default());
+                            lm_value = f64::from(lm.as_vec()[0]);
+                            loss = loss + lm * cfg.ptx_coef as f32;
+                        }
+                        (gradients(&policy, loss), now, pg, lm_value)
+                    },
+                    || {
+                        // Value model: clipped value loss toward the returns.
+                        let v = scalar_values(&value, &batch, OwnedTape::default())
+                            .reshape_like(&(batch.batch * batch.seq,))
+                            .gather(index.clone());
+                        let vl = ppo_value_loss(v, &old_values, &returns, cfg.clip_range_value);
+                        let value_loss = f64::from(vl.as_vec()[0]);
+                        (gradients(&value, vl), value_loss)
+                    },
+                );
+                let (g, now, pg, lm_value) = policy_part;
                 for (n, o) in now.iter().zip(&old) {
                     let ratio = f64::from(n - o).exp();
                     clipped += f64::from(u8::from((ratio - 1.0).abs() > cfg.clip_range));
                     approx_kl += 0.5 * f64::from(n - o).powi(2);
                 }
                 tokens_seen += now.len();
-                let mut loss = ppo_policy_loss(lp, &old, &adv, cfg.clip_range);
-                policy_loss += f64::from(loss.as_vec()[0]);
-                if let (Some(data), true) = (ptx, cfg.ptx_coef > 0.0) {
-                    let rows: Vec<usize> =
-                        (0..chunk.len()).map(|_| rng.below(data.len())).collect();
-                    let (pb, w) = batch_of(data, &rows, cfg.pad);
-                    let lm = lm_loss(&policy, &pb, &w, OwnedTape::default());
-                    ptx_loss += f64::from(lm.as_vec()[0]);
-                    loss = loss + lm * cfg.ptx_coef as f32;
-                }
-                let g = gradients(&policy, loss);
+                policy_loss += pg;
+                ptx_loss += lm_value;
                 grad_norm += clipped_step(&mut policy_opt, &mut policy, g, lr, s, it)?;
-
-                // Value model: clipped value loss toward the returns.
-                let v = scalar_values(&value, &batch, OwnedTape::default())
-                    .reshape_like(&(batch.batch * batch.seq,))
-                    .gather(index);
-                let vl = ppo_value_loss(
-                    v,
-                    &gather_rows(chunk, &roll.old_values),
-                    &gather_rows(chunk, &roll.returns),
-                    cfg.clip_range_value,
-                );
-                value_loss += f64::from(vl.as_vec()[0]);
-                let g = gradients(&value, vl);
+                let (g, vl) = value_part;
+                value_loss += vl;
                 clipped_step(&mut value_opt, &mut value, g, lr, s, it)?;
                 updates += 1;
             }

@@ -17,7 +17,7 @@ use super::preference::pairwise_loss;
 use super::{fit, StepLoss, TrainError};
 use crate::data::rng::Rng;
 use crate::model::llama::scalar_at_last;
-use crate::model::{checkpoint, Dev, LlamaParams};
+use crate::model::{checkpoint, workers, Dev, LlamaParams};
 use crate::stages::Metrics;
 
 /// Comparisons as token sequences, with each pair's group and margin.
@@ -77,12 +77,15 @@ fn score_all(
     batch: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let rows: Vec<usize> = (0..p.pairs.len()).collect();
-    let (mut c, mut r) = (Vec::new(), Vec::new());
-    for chunk in rows.chunks(batch.max(1)) {
-        c.extend(rewards(params, &p.pairs.chosen, chunk, pad, NoneTape).as_vec());
-        r.extend(rewards(params, &p.pairs.rejected, chunk, pad, NoneTape).as_vec());
-    }
-    (c, r)
+    let chunks: Vec<&[usize]> = rows.chunks(batch.max(1)).collect();
+    let parts = workers::map(&chunks, |_, chunk| {
+        (
+            rewards(params, &p.pairs.chosen, chunk, pad, NoneTape).as_vec(),
+            rewards(params, &p.pairs.rejected, chunk, pad, NoneTape).as_vec(),
+        )
+    });
+    let (c, r): (Vec<Vec<f32>>, Vec<Vec<f32>>) = parts.into_iter().unzip();
+    (c.concat(), r.concat())
 }
 
 /// Train a reward model from the model folder `init`; write it (with its
@@ -143,14 +146,17 @@ pub fn train(
     fit(
         &mut params,
         s,
-        |p| {
+        || {
             let mut rows = Vec::new();
             while rows.len() < s.batch_size {
                 rows.extend(&groups[rng.below(groups.len())]);
             }
+            rows
+        },
+        |p, rows| {
             let margins: Vec<f32> = rows.iter().map(|r| data.margins[*r]).collect();
-            let rc = rewards(p, &data.pairs.chosen, &rows, pad, OwnedTape::default());
-            let rr = rewards(p, &data.pairs.rejected, &rows, pad, OwnedTape::default());
+            let rc = rewards(p, &data.pairs.chosen, rows, pad, OwnedTape::default());
+            let rr = rewards(p, &data.pairs.rejected, rows, pad, OwnedTape::default());
             let extras = stats(false, &rc.as_vec(), &rr.as_vec());
             let tokens = rows
                 .iter()
@@ -159,6 +165,7 @@ pub fn train(
             Ok(StepLoss {
                 loss: pairwise_loss(rc, rr, Some(&margins)),
                 tokens,
+                units: rows.len() as f64,
                 extras,
             })
         },
