@@ -627,3 +627,83 @@ sampling = {{ max_new_tokens = 12 }}
         "offset {offset} vs raw mean {raw}"
     );
 }
+
+/// `label` compares the policy's own answers with the gold labeler: every
+/// pair it prefers one of, chosen over rejected unless the label was
+/// flipped, the extra comparisons appended; a reward model trains on it.
+#[test]
+fn label_gold_labels_the_policys_answers_and_appends_extra() {
+    let p = TestProject::new();
+    let toml = format!(
+        r#"{BASE}
+[stages.labels]
+kind = "label"
+policy = "sft"
+gold = "world"
+prompts = {{ stage = "world", file = "prompts_train.parquet" }}
+samples = 3
+label_noise = 0.2
+extra = {{ stage = "world", file = "comparisons.parquet", max_rows = 10 }}
+sampling = {{ max_new_tokens = 12 }}
+
+[stages.rm_labels]
+kind = "reward"
+from = "sft"
+data = {{ stage = "labels", file = "comparisons.parquet" }}
+max_len = 64
+train = {{ steps = 5, batch_size = 8, lr = 1e-3, warmup_steps = 1, eval_every = 0 }}
+"#
+    );
+    p.write("experiments/labels.toml", &toml);
+    p.ok(&["run", "labels"]);
+    let df = frame(&p, "results/labels/stages/labels/comparisons.parquet");
+    let n = df.height();
+    assert!(
+        n > 10,
+        "labeled comparisons were added to the 10 extra: {n}"
+    );
+    let labeled = n - 10;
+    // 40 prompts, 3 answers: at most 3 pairs each.
+    assert!(labeled <= 120, "{labeled}");
+    let (cg, rg) = (floats(&df, "chosen_gold"), floats(&df, "rejected_gold"));
+    let flipped = bools(&df, "label_flipped");
+    for i in 0..labeled {
+        assert_ne!(cg[i], rg[i], "row {i}: ties are not compared");
+        assert_eq!(cg[i] > rg[i], !flipped[i], "row {i}");
+    }
+    let share = flipped[..labeled].iter().filter(|f| **f).count() as f64 / labeled as f64;
+    assert!(
+        (0.05..0.4).contains(&share),
+        "flip share {share} for noise 0.2"
+    );
+    // The last rows are the extra file's, as written.
+    let extra = frame(&p, "results/labels/stages/world/comparisons.parquet");
+    assert_eq!(
+        strings(&df, "chosen")[labeled..],
+        strings(&extra, "chosen")[..10]
+    );
+    assert_eq!(
+        p.statuses("labels")
+            .iter()
+            .find(|(s, _)| s == "rm_labels")
+            .map(|(_, st)| st.as_str()),
+        Some("ran")
+    );
+}
+
+#[test]
+fn label_with_one_sample_is_refused_naming_the_field() {
+    let p = TestProject::new();
+    p.write(
+        "experiments/bad.toml",
+        &format!(
+            "{BASE}\n[stages.labels]\nkind = \"label\"\npolicy = \"sft\"\ngold = \"world\"\nprompts = {{ stage = \"world\", file = \"prompts_train.parquet\" }}\nsamples = 1\n"
+        ),
+    );
+    let err = p.fails(&["run", "bad"]);
+    assert!(
+        err.contains("`samples` a comparison needs at least 2 answers per prompt, got 1"),
+        "{err}"
+    );
+    assert!(p.store_keys().is_empty(), "nothing ran");
+}

@@ -12,6 +12,7 @@ pub mod defaults;
 pub mod dpo;
 pub mod eval;
 pub mod inputs;
+pub mod label;
 pub mod load;
 pub mod model_files;
 pub mod ppo;
@@ -129,6 +130,7 @@ stage_kinds! {
     Sft => sft::SftSettings,
     Dpo => dpo::DpoSettings,
     Reward => reward::RewardSettings,
+    Label => label::LabelSettings,
     Ppo => ppo::PpoSettings,
     BestOfN => best_of_n::BestOfNSettings,
     Eval => eval::EvalSettings,

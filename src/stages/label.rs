@@ -1,0 +1,254 @@
+//! `label`: preference data on a policy's own answers, as InstructGPT's
+//! labelers compared model outputs. The policy samples `samples` answers
+//! to each prompt; the synthetic world's gold labeler (standing in for the
+//! human labelers) compares every pair it is not indifferent about, with
+//! its label flipped at `label_noise`; the comparisons of `extra` (e.g. the
+//! world's comparisons of written answers) are appended. A reward model
+//! trained on this has seen the policy's own mistakes, garbled text
+//! included, which written comparisons never show it.
+//!
+//! Writes `comparisons.parquet` (`prompt`, `chosen`, `rejected`,
+//! `category`, `chosen_gold`, `rejected_gold`, `label_flipped`: the world's
+//! comparison columns).
+//!
+//! ```toml
+//! [stages.labels]
+//! kind = "label"
+//! policy = "sft"
+//! gold = "world"
+//! prompts = { stage = "world", file = "prompts_train.parquet" }
+//! extra = { stage = "world", file = "comparisons.parquet" }
+//! ```
+
+use polars::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::model_files::{pad_id, upstream_tokenizer};
+use super::token_data::load_prompts;
+use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
+use crate::data::chat::END_OF_TURN;
+use crate::data::gold::GoldLabeler;
+use crate::data::rng::Rng;
+use crate::data::world::World;
+use crate::data::DataError;
+use crate::model::frozen::FrozenModel;
+use crate::model::generate::SampleSettings;
+
+pub const OUTPUT: &str = "comparisons.parquet";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelSettings {
+    /// The model whose answers are labeled. Required.
+    pub policy: StageRef,
+    /// A `synth` stage: its world's gold labeler labels. Required.
+    pub gold: StageRef,
+    /// Prompts to answer. Required.
+    #[serde(deserialize_with = "DataSource::from_str_or_table")]
+    pub prompts: DataSource,
+    /// Answers per prompt (up to K(K-1)/2 comparisons each). Default 4.
+    #[serde(default = "default_samples")]
+    pub samples: usize,
+    /// Probability that a label is flipped (labeler noise). Default 0.1.
+    #[serde(default = "default_noise")]
+    pub label_noise: f64,
+    /// Comparisons appended to the labeled ones (same columns). Optional.
+    #[serde(
+        default,
+        deserialize_with = "DataSource::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub extra: Option<DataSource>,
+    /// How the policy samples. Default temperature 1.0, 48 new tokens.
+    #[serde(default)]
+    pub sampling: SampleSettings,
+    /// Sequences per forward pass. Default 32.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+}
+
+fn default_samples() -> usize {
+    4
+}
+fn default_noise() -> f64 {
+    0.1
+}
+fn default_batch_size() -> usize {
+    32
+}
+
+impl StageKind for LabelSettings {
+    const KIND: &'static str = "label";
+    const RECIPE_VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "gold-label comparisons of a policy's own answers (preference data collection)";
+
+    fn inputs(&self) -> Vec<Input> {
+        let mut inputs = vec![
+            Input::stage("policy", &self.policy),
+            Input::stage("gold", &self.gold),
+            Input::data("prompts", &self.prompts),
+        ];
+        inputs.extend(self.extra.as_ref().map(|e| Input::data("extra", e)));
+        inputs
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.samples < 2 {
+            return Err((
+                "samples".into(),
+                format!(
+                    "a comparison needs at least 2 answers per prompt, got {}",
+                    self.samples
+                ),
+            ));
+        }
+        if !(0.0..0.5).contains(&self.label_noise) {
+            return Err((
+                "label_noise".into(),
+                format!("must be in [0, 0.5), got {}", self.label_noise),
+            ));
+        }
+        if self.batch_size == 0 || self.sampling.max_new_tokens == 0 {
+            return Err((
+                "batch_size".into(),
+                "`batch_size` and `sampling.max_new_tokens` must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn outputs(&self) -> Option<Vec<String>> {
+        Some(vec![OUTPUT.into()])
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
+        let world_path = ctx.stage_dir(&self.gold)?.join("world.json");
+        if !world_path.exists() {
+            return Err(StageError::Failed(format!(
+                "`gold` = `{}` has no world.json: name a `synth` stage",
+                self.gold.name()
+            )));
+        }
+        let world = World::load(&world_path)?;
+        let gold = GoldLabeler::new(&world);
+        let (tok, _) = upstream_tokenizer(ctx, &self.policy)?;
+        let pad = pad_id(&tok);
+        let end = tok
+            .tokenizer
+            .token_to_id(END_OF_TURN)
+            .expect("checked when loaded") as usize;
+        let prompts = load_prompts(ctx, &self.prompts, &tok)?;
+        let policy = FrozenModel::load(ctx.stage_dir(&self.policy)?)?;
+        let k = self.samples;
+        ctx.progress.set_message(format!("sampling {k} per prompt"));
+        let repeated: Vec<Vec<usize>> = prompts
+            .ids
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), k))
+            .collect();
+        let answers = policy.generate(
+            &repeated,
+            end,
+            pad,
+            &self.sampling,
+            ctx.seed,
+            self.batch_size,
+        );
+        let texts = answers
+            .iter()
+            .map(|a| {
+                let ids: Vec<u32> = a.iter().map(|t| *t as u32).collect();
+                tok.tokenizer
+                    .decode(&ids, false)
+                    .map_err(|e| StageError::Failed(format!("cannot decode a sample: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut rng = Rng::fork(ctx.seed, "label-noise");
+        let mut out = Columns::default();
+        for (i, question) in prompts.questions.iter().enumerate() {
+            let category = world
+                .parse_request(question)
+                .map_or("unknown", |r| r.category())
+                .to_string();
+            let scores: Vec<f64> = (0..k)
+                .map(|j| gold.score(question, &texts[i * k + j]).total)
+                .collect();
+            for a in 0..k {
+                for b in a + 1..k {
+                    if (scores[a] - scores[b]).abs() < 1e-9 {
+                        continue; // the labeler has no preference
+                    }
+                    let flip = rng.chance(self.label_noise);
+                    let (w, l) = if (scores[a] > scores[b]) != flip {
+                        (a, b)
+                    } else {
+                        (b, a)
+                    };
+                    out.prompt.push(question.clone());
+                    out.chosen.push(texts[i * k + w].clone());
+                    out.rejected.push(texts[i * k + l].clone());
+                    out.category.push(category.clone());
+                    out.chosen_gold.push(scores[w]);
+                    out.rejected_gold.push(scores[l]);
+                    out.flipped.push(flip);
+                }
+            }
+        }
+        let labeled = out.prompt.len();
+        let mut df = df!(
+            "prompt" => out.prompt,
+            "chosen" => out.chosen,
+            "rejected" => out.rejected,
+            "category" => out.category,
+            "chosen_gold" => out.chosen_gold,
+            "rejected_gold" => out.rejected_gold,
+            "label_flipped" => out.flipped,
+        )
+        .map_err(DataError::from)?;
+        if let Some(extra) = &self.extra {
+            let (more, path) = ctx.load(extra)?;
+            let names: Vec<String> = df
+                .get_column_names()
+                .iter()
+                .map(|c| c.to_string())
+                .collect();
+            let more = more.select(names.clone()).map_err(|e| {
+                StageError::Failed(format!(
+                    "{}: `extra` needs the columns {}: {e}",
+                    path.display(),
+                    names.join(", ")
+                ))
+            })?;
+            df = df.vstack(&more).map_err(|e| {
+                StageError::Failed(format!(
+                    "{}: `extra` columns do not match the labeled ones: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+        if df.height() == 0 {
+            return Err(StageError::Failed(
+                "no comparison: the gold labeler scored every pair of answers the same".into(),
+            ));
+        }
+        crate::data::write_parquet(&mut df, &ctx.out(OUTPUT))?;
+        let mut metrics = Metrics::new();
+        metrics.insert("labeled_comparisons".into(), labeled as f64);
+        metrics.insert("comparisons".into(), df.height() as f64);
+        metrics.insert("prompts".into(), prompts.len() as f64);
+        Ok(metrics)
+    }
+}
+
+#[derive(Default)]
+struct Columns {
+    prompt: Vec<String>,
+    chosen: Vec<String>,
+    rejected: Vec<String>,
+    category: Vec<String>,
+    chosen_gold: Vec<f64>,
+    rejected_gold: Vec<f64>,
+    flipped: Vec<bool>,
+}
