@@ -691,6 +691,11 @@ impl<'a> Evaluation<'a> {
             vec![base.label.clone(); all.len()],
         ));
         let mut df = DataFrame::new(all.len(), columns).map_err(DataError::from)?;
+        let names: Vec<&str> = df.get_column_names().iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            names, COLUMNS,
+            "eval.parquet's columns are the documented ones"
+        );
         crate::data::write_parquet(&mut df, &self.ctx.out("eval.parquet"))?;
         self.write_samples(all)?;
         Ok(metrics)
