@@ -7,7 +7,8 @@
 //! trained on this has seen the policy's own mistakes, garbled text
 //! included, which written comparisons never show it.
 //!
-//! Writes `comparisons.parquet` (`prompt`, `chosen`, `rejected`,
+//! Pairs with an empty answer (the policy ended its turn at once) are left
+//! out: there is no text to compare. Writes `comparisons.parquet` (`prompt`, `chosen`, `rejected`,
 //! `category`, `chosen_gold`, `rejected_gold`, `label_flipped`: the world's
 //! comparison columns).
 //!
@@ -79,7 +80,7 @@ fn default_batch_size() -> usize {
 
 impl StageKind for LabelSettings {
     const KIND: &'static str = "label";
-    const RECIPE_VERSION: u32 = 1;
+    const RECIPE_VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "gold-label comparisons of a policy's own answers (preference data collection)";
 
@@ -167,6 +168,7 @@ impl StageKind for LabelSettings {
 
         let mut rng = Rng::fork(ctx.seed, "label-noise");
         let mut out = Columns::default();
+        let mut skipped_empty = 0usize;
         for (i, question) in prompts.questions.iter().enumerate() {
             let category = world
                 .parse_request(question)
@@ -179,6 +181,12 @@ impl StageKind for LabelSettings {
                 for b in a + 1..k {
                     if (scores[a] - scores[b]).abs() < 1e-9 {
                         continue; // the labeler has no preference
+                    }
+                    if texts[i * k + a].trim().is_empty() || texts[i * k + b].trim().is_empty() {
+                        // An empty answer (the end token first) is no
+                        // text to compare; comparison readers refuse it.
+                        skipped_empty += 1;
+                        continue;
                     }
                     let flip = rng.chance(self.label_noise);
                     let (w, l) = if (scores[a] > scores[b]) != flip {
@@ -238,6 +246,7 @@ impl StageKind for LabelSettings {
         metrics.insert("labeled_comparisons".into(), labeled as f64);
         metrics.insert("comparisons".into(), df.height() as f64);
         metrics.insert("prompts".into(), prompts.len() as f64);
+        metrics.insert("skipped_empty_pairs".into(), skipped_empty as f64);
         Ok(metrics)
     }
 }
