@@ -15,6 +15,30 @@ pub struct FrozenModel {
     params: LlamaParams<f32, Dev>,
 }
 
+/// One sampled answer: its tokens (the stop token excluded) and whether it
+/// ended with the stop token rather than at `max_new_tokens`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub ids: Vec<usize>,
+    pub finished: bool,
+}
+
+impl Sampled {
+    /// The answer as sampled: its tokens and, when it ended, the stop token.
+    pub fn with_stop(&self, stop: usize) -> Vec<usize> {
+        let mut ids = self.ids.clone();
+        if self.finished {
+            ids.push(stop);
+        }
+        ids
+    }
+
+    /// Prompt + answer as sampled: what a reward model scores.
+    pub fn sequence(&self, prompt: &[usize], stop: usize) -> Vec<usize> {
+        [prompt, self.with_stop(stop).as_slice()].concat()
+    }
+}
+
 /// The seed of the `index`-th batch of a sampling run: batches are
 /// independent streams, so a prompt's samples do not depend on how many
 /// batches came before it had other lengths.
@@ -58,6 +82,31 @@ impl FrozenModel {
             )
         })
         .concat()
+    }
+
+    /// `k` answers to each prompt, answer j of prompt i at `i * k + j`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample(
+        &self,
+        prompts: &[Vec<usize>],
+        k: usize,
+        stop: usize,
+        pad: usize,
+        s: &SampleSettings,
+        seed: u64,
+        batch: usize,
+    ) -> Vec<Sampled> {
+        let repeated: Vec<Vec<usize>> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), k))
+            .collect();
+        self.generate(&repeated, stop, pad, s, seed, batch)
+            .into_iter()
+            .map(|ids| Sampled {
+                finished: ids.len() < s.max_new_tokens,
+                ids,
+            })
+            .collect()
     }
 
     /// log p(response[j] | prompt, response[..j]) for every response token.

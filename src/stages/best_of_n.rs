@@ -25,12 +25,11 @@ use std::path::Path;
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::model_files::{pad_id, upstream_tokenizer};
+use super::model_files::{decode, end_id, pad_id, upstream_tokenizer};
 use super::token_data::load_prompts;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
-use crate::data::chat::END_OF_TURN;
 use crate::data::DataError;
-use crate::model::frozen::FrozenModel;
+use crate::model::frozen::{FrozenModel, Sampled};
 use crate::model::generate::SampleSettings;
 use crate::results::stats::best_of_n_kl_bound;
 
@@ -107,10 +106,7 @@ impl StageKind for BestOfNSettings {
     fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
         let (tok, _) = upstream_tokenizer(ctx, &self.policy)?;
         let pad = pad_id(&tok);
-        let end = tok
-            .tokenizer
-            .token_to_id(END_OF_TURN)
-            .expect("checked when loaded") as usize;
+        let end = end_id(&tok);
         let prompts = load_prompts(ctx, &self.prompts, &tok)?;
         let policy = FrozenModel::load(ctx.stage_dir(&self.policy)?)?;
         let rm = FrozenModel::load(ctx.stage_dir(&self.reward_model)?)?;
@@ -125,54 +121,34 @@ impl StageKind for BestOfNSettings {
         // Sample j of prompt i sits at i * max_n + j.
         ctx.progress
             .set_message(format!("sampling {max_n} per prompt"));
-        let repeated: Vec<Vec<usize>> = prompts
-            .ids
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(p.clone(), max_n))
-            .collect();
-        let responses = policy.generate(
-            &repeated,
+        let sampled = policy.sample(
+            &prompts.ids,
+            max_n,
             end,
             pad,
             &self.sampling,
             ctx.seed,
             self.batch_size,
         );
-        let finished: Vec<bool> = responses
-            .iter()
-            .map(|r| r.len() < self.sampling.max_new_tokens)
-            .collect();
         ctx.progress.set_message("scoring");
-        let sequences: Vec<Vec<usize>> = repeated
+        let sequences: Vec<Vec<usize>> = sampled
             .iter()
-            .zip(&responses)
-            .zip(&finished)
-            .map(|((p, r), f)| {
-                let mut s = [p.as_slice(), r.as_slice()].concat();
-                if *f {
-                    s.push(end);
-                }
-                s
-            })
+            .enumerate()
+            .map(|(k, a)| a.sequence(&prompts.ids[k / max_n], end))
             .collect();
         let rewards = rm.scores(&sequences, pad, self.batch_size);
-        let texts = responses
+        let texts = sampled
             .iter()
-            .map(|r| {
-                let ids: Vec<u32> = r.iter().map(|i| *i as u32).collect();
-                tok.tokenizer
-                    .decode(&ids, false)
-                    .map_err(|e| StageError::Failed(format!("cannot decode a sample: {e}")))
-            })
+            .map(|a| decode(&tok, &a.ids))
             .collect::<Result<Vec<_>, _>>()?;
 
         let mut samples = df!(
             "prompt" => prompts.rendered.iter().flat_map(|p| std::iter::repeat_n(p.clone(), max_n)).collect::<Vec<_>>(),
-            "sample" => (0..repeated.len()).map(|k| (k % max_n) as u32).collect::<Vec<_>>(),
+            "sample" => (0..sampled.len()).map(|k| (k % max_n) as u32).collect::<Vec<_>>(),
             "response" => texts.clone(),
             "reward" => rewards.clone(),
-            "length" => responses.iter().map(|r| r.len() as u32).collect::<Vec<_>>(),
-            "finished" => finished.clone(),
+            "length" => sampled.iter().map(|a| a.ids.len() as u32).collect::<Vec<_>>(),
+            "finished" => sampled.iter().map(|a| a.finished).collect::<Vec<_>>(),
         )
         .map_err(DataError::from)?;
         crate::data::write_parquet(&mut samples, &ctx.out("samples.parquet"))?;
@@ -195,10 +171,8 @@ impl StageKind for BestOfNSettings {
                     &prompts.rendered[i],
                     &prompts.questions[i],
                     n,
-                    pick,
-                    &texts,
-                    &responses,
-                    &finished,
+                    &texts[pick],
+                    &sampled[pick],
                     rewards[pick],
                 );
             }
@@ -226,27 +200,24 @@ struct BestRows {
 }
 
 impl BestRows {
-    #[allow(clippy::too_many_arguments)]
     fn push(
         &mut self,
         prompt: &str,
         question: &str,
         n: usize,
-        pick: usize,
-        texts: &[String],
-        responses: &[Vec<usize>],
-        finished: &[bool],
+        text: &str,
+        answer: &Sampled,
         reward: f32,
     ) {
         self.prompt.push(prompt.to_string());
         self.question.push(question.to_string());
         self.n.push(n as u32);
-        self.response.push(texts[pick].clone());
-        let ids: Vec<u32> = responses[pick].iter().map(|t| *t as u32).collect();
+        self.response.push(text.to_string());
+        let ids: Vec<u32> = answer.ids.iter().map(|t| *t as u32).collect();
         self.response_ids.push(Series::new("".into(), ids));
         self.reward.push(reward);
-        self.length.push(responses[pick].len() as u32);
-        self.finished.push(finished[pick]);
+        self.length.push(answer.ids.len() as u32);
+        self.finished.push(answer.finished);
         self.kl_bound.push(best_of_n_kl_bound(n));
     }
 

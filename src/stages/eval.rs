@@ -29,10 +29,9 @@ use std::path::Path;
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::model_files::{pad_id, upstream_tokenizer};
+use super::model_files::{decode, end_id, pad_id, upstream_tokenizer};
 use super::token_data::{load_demonstrations, load_pairs, load_prompts, Prompts};
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
-use crate::data::chat::END_OF_TURN;
 use crate::data::gold::{is_refusal, GoldLabeler};
 use crate::data::tokenize::{LoadedTokenizer, TokenCache};
 use crate::data::world::World;
@@ -279,10 +278,7 @@ impl<'a> Evaluation<'a> {
         };
         let (tok, _) = upstream_tokenizer(ctx, reference_ref)?;
         let pad = pad_id(&tok);
-        let end = tok
-            .tokenizer
-            .token_to_id(END_OF_TURN)
-            .expect("checked when loaded") as usize;
+        let end = end_id(&tok);
         let prompts = load_prompts(ctx, &s.prompts, &tok)?;
         let world = match &s.gold {
             Some(g) => {
@@ -391,30 +387,17 @@ impl<'a> Evaluation<'a> {
         let s = self.s;
         // The same seed for every policy: each answers the same prompts
         // with the same random stream.
-        let responses = model.generate(
+        let answers = model.sample(
             &self.prompts.ids,
+            1,
             self.end,
             self.pad,
             &s.sampling,
             self.ctx.seed,
             s.batch_size,
         );
-        let finished: Vec<bool> = responses
-            .iter()
-            .map(|r| r.len() < s.sampling.max_new_tokens)
-            .collect();
         // What was sampled: the response and, when it ended, the end token.
-        let sampled: Vec<Vec<usize>> = responses
-            .iter()
-            .zip(&finished)
-            .map(|(r, f)| {
-                let mut r = r.clone();
-                if *f {
-                    r.push(self.end);
-                }
-                r
-            })
-            .collect();
+        let sampled: Vec<Vec<usize>> = answers.iter().map(|a| a.with_stop(self.end)).collect();
         let pairs: Vec<(&[usize], &[usize])> = self
             .prompts
             .ids
@@ -431,9 +414,9 @@ impl<'a> Evaluation<'a> {
             .zip(&reference)
             .map(|(p, r)| stats::sequence_kl(p, r))
             .collect();
-        let texts = responses
+        let texts = answers
             .iter()
-            .map(|r| self.decode(r))
+            .map(|a| decode(&self.tok, &a.ids))
             .collect::<Result<Vec<_>, _>>()?;
         let reward = self.reward_model.as_ref().map(|rm| {
             let seqs: Vec<Vec<usize>> = pairs.iter().map(|(p, r)| [*p, *r].concat()).collect();
@@ -464,9 +447,9 @@ impl<'a> Evaluation<'a> {
             key: store_key(dir),
             n: None,
             gold: self.gold_scores(&texts),
-            tokens: responses.iter().map(Vec::len).collect(),
+            tokens: answers.iter().map(|a| a.ids.len()).collect(),
+            finished: answers.iter().map(|a| a.finished).collect(),
             texts,
-            finished,
             reward,
             kl,
             kl_is_bound: false,
@@ -559,14 +542,6 @@ impl<'a> Evaluation<'a> {
                 (None, None) => None,
             })
             .collect()
-    }
-
-    fn decode(&self, ids: &[usize]) -> Result<String, StageError> {
-        let ids: Vec<u32> = ids.iter().map(|i| *i as u32).collect();
-        self.tok
-            .tokenizer
-            .decode(&ids, false)
-            .map_err(|e| StageError::Failed(format!("cannot decode an answer: {e}")))
     }
 
     fn write(&self, all: &[Answers], rm_accuracy: f64) -> Result<Metrics, StageError> {

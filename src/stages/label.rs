@@ -24,10 +24,9 @@
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::model_files::{pad_id, upstream_tokenizer};
+use super::model_files::{decode, end_id, pad_id, upstream_tokenizer};
 use super::token_data::load_prompts;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
-use crate::data::chat::END_OF_TURN;
 use crate::data::gold::GoldLabeler;
 use crate::data::rng::Rng;
 use crate::data::world::World;
@@ -135,21 +134,14 @@ impl StageKind for LabelSettings {
         let gold = GoldLabeler::new(&world);
         let (tok, _) = upstream_tokenizer(ctx, &self.policy)?;
         let pad = pad_id(&tok);
-        let end = tok
-            .tokenizer
-            .token_to_id(END_OF_TURN)
-            .expect("checked when loaded") as usize;
+        let end = end_id(&tok);
         let prompts = load_prompts(ctx, &self.prompts, &tok)?;
         let policy = FrozenModel::load(ctx.stage_dir(&self.policy)?)?;
         let k = self.samples;
         ctx.progress.set_message(format!("sampling {k} per prompt"));
-        let repeated: Vec<Vec<usize>> = prompts
-            .ids
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(p.clone(), k))
-            .collect();
-        let answers = policy.generate(
-            &repeated,
+        let answers = policy.sample(
+            &prompts.ids,
+            k,
             end,
             pad,
             &self.sampling,
@@ -158,12 +150,7 @@ impl StageKind for LabelSettings {
         );
         let texts = answers
             .iter()
-            .map(|a| {
-                let ids: Vec<u32> = a.iter().map(|t| *t as u32).collect();
-                tok.tokenizer
-                    .decode(&ids, false)
-                    .map_err(|e| StageError::Failed(format!("cannot decode a sample: {e}")))
-            })
+            .map(|a| decode(&tok, &a.ids))
             .collect::<Result<Vec<_>, _>>()?;
 
         let mut rng = Rng::fork(ctx.seed, "label-noise");

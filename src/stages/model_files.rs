@@ -51,6 +51,21 @@ pub fn pad_id(tok: &LoadedTokenizer) -> usize {
         .expect("checked when loaded") as usize
 }
 
+/// The id of the end-of-turn token, where answers stop.
+pub fn end_id(tok: &LoadedTokenizer) -> usize {
+    tok.tokenizer
+        .token_to_id(crate::data::chat::END_OF_TURN)
+        .expect("checked when loaded") as usize
+}
+
+/// An answer's text.
+pub fn decode(tok: &LoadedTokenizer, ids: &[usize]) -> Result<String, StageError> {
+    let ids: Vec<u32> = ids.iter().map(|i| *i as u32).collect();
+    tok.tokenizer
+        .decode(&ids, false)
+        .map_err(|e| StageError::Failed(format!("cannot decode an answer: {e}")))
+}
+
 /// The inputs every finetuning stage has: `from`, `data`, optional `eval_data`.
 pub fn finetune_inputs(
     from: &StageRef,

@@ -16,10 +16,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model_files::{copy_tokenizer, model_outputs, pad_id, upstream_tokenizer};
+use super::model_files::{copy_tokenizer, end_id, model_outputs, pad_id, upstream_tokenizer};
 use super::token_data::{load_prompts, pack_corpus};
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
-use crate::data::chat::END_OF_TURN;
 use crate::data::formats;
 use crate::data::tokenize::TokenCache;
 use crate::model::generate::SampleSettings;
@@ -218,10 +217,7 @@ impl StageKind for PpoSettings {
     fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
         let (tok, tok_path) = upstream_tokenizer(ctx, &self.from)?;
         let pad = pad_id(&tok);
-        let end = tok
-            .tokenizer
-            .token_to_id(END_OF_TURN)
-            .expect("checked when loaded") as usize;
+        let end = end_id(&tok);
         let prompts = load_prompts(ctx, &self.prompts, &tok)?;
         let ptx = match &self.ptx_data {
             Some(source) => {

@@ -20,7 +20,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::model_files::{
-    copy_tokenizer, finetune_inputs, model_outputs, pad_id, upstream_tokenizer, validate_finetune,
+    copy_tokenizer, end_id, finetune_inputs, model_outputs, pad_id, upstream_tokenizer,
+    validate_finetune,
 };
 use super::token_data::{load_pairs, load_prompts};
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
@@ -143,24 +144,15 @@ fn normalize(
     tok: &crate::data::tokenize::LoadedTokenizer,
 ) -> Result<(f64, f64), StageError> {
     let pad = pad_id(tok);
-    let end = tok
-        .tokenizer
-        .token_to_id(crate::data::chat::END_OF_TURN)
-        .expect("checked when loaded") as usize;
+    let end = end_id(tok);
     let prompts = load_prompts(ctx, &n.prompts, tok)?;
     let policy = FrozenModel::load(ctx.stage_dir(&n.policy)?)?;
-    let answers = policy.generate(&prompts.ids, end, pad, &n.sampling, ctx.seed, BATCH);
+    let answers = policy.sample(&prompts.ids, 1, end, pad, &n.sampling, ctx.seed, BATCH);
     let sequences: Vec<Vec<usize>> = prompts
         .ids
         .iter()
         .zip(&answers)
-        .map(|(p, a)| {
-            let mut s = [p.as_slice(), a.as_slice()].concat();
-            if a.len() < n.sampling.max_new_tokens {
-                s.push(end);
-            }
-            s
-        })
+        .map(|(p, a)| a.sequence(p, end))
         .collect();
     let scores: Vec<f64> = FrozenModel::load(ctx.out_dir)?
         .scores(&sequences, pad, BATCH)
