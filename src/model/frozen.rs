@@ -8,7 +8,7 @@ use dfdx::prelude::*;
 
 use super::checkpoint::{self, CheckpointError};
 use super::generate::{generate, SampleSettings};
-use super::llama::{scalar_at_last, token_logprobs, TokenBatch};
+use super::llama::{reward_scores, token_logprobs, TokenBatch};
 use super::{workers, Dev, LlamaParams};
 
 pub struct FrozenModel {
@@ -138,16 +138,11 @@ impl FrozenModel {
     /// score), plus the model's `reward_offset` when it has one.
     pub fn scores(&self, sequences: &[Vec<usize>], pad: usize, batch: usize) -> Vec<f32> {
         assert!(self.has_score_head(), "scores() needs a score head");
-        let offset = self.params.config.reward_offset.unwrap_or(0.0) as f32;
         let chunks: Vec<&[Vec<usize>]> = sequences.chunks(batch.max(1)).collect();
         workers::map(&chunks, |_, chunk| {
-            let tb = TokenBatch::right_padded(chunk, pad);
-            scalar_at_last(&self.params, &tb, NoneTape).as_vec()
+            reward_scores(&self.params, &TokenBatch::right_padded(chunk, pad))
         })
         .concat()
-        .into_iter()
-        .map(|x| x + offset)
-        .collect()
     }
 }
 

@@ -386,6 +386,18 @@ where
     scalar_values(params, batch, tape).select(last)
 }
 
+/// A reward model's scores (B,): the scalar head at each row's last real
+/// token plus the model's `reward_offset` (its normalisation), as every
+/// user of a trained reward model reads them.
+pub fn reward_scores<D: Device<f32>>(params: &LlamaParams<f32, D>, batch: &TokenBatch) -> Vec<f32> {
+    let offset = params.config.reward_offset.unwrap_or(0.0) as f32;
+    scalar_at_last(params, batch, NoneTape)
+        .as_vec()
+        .into_iter()
+        .map(|x| x + offset)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

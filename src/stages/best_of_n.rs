@@ -25,7 +25,9 @@ use std::path::Path;
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::model_files::{decode, end_id, pad_id, upstream_tokenizer};
+use super::model_files::{
+    decode, end_id, load_reward_model, pad_id, upstream_tokenizer, validate_sampling,
+};
 use super::token_data::load_prompts;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
 use crate::data::DataError;
@@ -86,13 +88,7 @@ impl StageKind for BestOfNSettings {
                 ),
             ));
         }
-        if self.batch_size == 0 || self.sampling.max_new_tokens == 0 {
-            return Err((
-                "batch_size".into(),
-                "`batch_size` and `sampling.max_new_tokens` must be at least 1".into(),
-            ));
-        }
-        Ok(())
+        validate_sampling(self.batch_size, &self.sampling)
     }
 
     fn outputs(&self) -> Option<Vec<String>> {
@@ -109,13 +105,7 @@ impl StageKind for BestOfNSettings {
         let end = end_id(&tok);
         let prompts = load_prompts(ctx, &self.prompts, &tok)?;
         let policy = FrozenModel::load(ctx.stage_dir(&self.policy)?)?;
-        let rm = FrozenModel::load(ctx.stage_dir(&self.reward_model)?)?;
-        if !rm.has_score_head() {
-            return Err(StageError::Failed(format!(
-                "`reward_model` = `{}` has no score head: name a `reward` stage",
-                self.reward_model.name()
-            )));
-        }
+        let rm = load_reward_model(ctx, "reward_model", &self.reward_model)?;
         let max_n = *self.n.iter().max().expect("validated non-empty");
 
         // Sample j of prompt i sits at i * max_n + j.

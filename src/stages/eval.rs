@@ -29,7 +29,9 @@ use std::path::Path;
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::model_files::{decode, end_id, pad_id, upstream_tokenizer};
+use super::model_files::{
+    decode, end_id, load_reward_model, load_world, pad_id, upstream_tokenizer,
+};
 use super::token_data::{load_demonstrations, load_pairs, load_prompts, Prompts};
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
 use crate::data::gold::{is_refusal, GoldLabeler};
@@ -281,30 +283,12 @@ impl<'a> Evaluation<'a> {
         let end = end_id(&tok);
         let prompts = load_prompts(ctx, &s.prompts, &tok)?;
         let world = match &s.gold {
-            Some(g) => {
-                let path = ctx.stage_dir(g)?.join("world.json");
-                if !path.exists() {
-                    return Err(StageError::Failed(format!(
-                        "`gold` = `{}` has no world.json: name a `synth` stage",
-                        g.name()
-                    )));
-                }
-                Some(World::load(&path)?)
-            }
+            Some(g) => Some(load_world(ctx, "gold", g)?),
             None => None,
         };
         let reference = FrozenModel::load(ctx.stage_dir(reference_ref)?)?;
         let reward_model = match &s.reward_model {
-            Some(r) => {
-                let m = FrozenModel::load(ctx.stage_dir(r)?)?;
-                if !m.has_score_head() {
-                    return Err(StageError::Failed(format!(
-                        "`reward_model` = `{}` has no score head: name a `reward` stage",
-                        r.name()
-                    )));
-                }
-                Some(m)
-            }
+            Some(r) => Some(load_reward_model(ctx, "reward_model", r)?),
             None => None,
         };
         Ok(Evaluation {

@@ -24,12 +24,13 @@
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::model_files::{decode, end_id, pad_id, upstream_tokenizer};
+use super::model_files::{
+    decode, end_id, load_world, pad_id, upstream_tokenizer, validate_sampling,
+};
 use super::token_data::load_prompts;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
 use crate::data::gold::GoldLabeler;
 use crate::data::rng::Rng;
-use crate::data::world::World;
 use crate::data::DataError;
 use crate::model::frozen::FrozenModel;
 use crate::model::generate::SampleSettings;
@@ -109,13 +110,7 @@ impl StageKind for LabelSettings {
                 format!("must be in [0, 0.5), got {}", self.label_noise),
             ));
         }
-        if self.batch_size == 0 || self.sampling.max_new_tokens == 0 {
-            return Err((
-                "batch_size".into(),
-                "`batch_size` and `sampling.max_new_tokens` must be at least 1".into(),
-            ));
-        }
-        Ok(())
+        validate_sampling(self.batch_size, &self.sampling)
     }
 
     fn outputs(&self) -> Option<Vec<String>> {
@@ -123,14 +118,7 @@ impl StageKind for LabelSettings {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
-        let world_path = ctx.stage_dir(&self.gold)?.join("world.json");
-        if !world_path.exists() {
-            return Err(StageError::Failed(format!(
-                "`gold` = `{}` has no world.json: name a `synth` stage",
-                self.gold.name()
-            )));
-        }
-        let world = World::load(&world_path)?;
+        let world = load_world(ctx, "gold", &self.gold)?;
         let gold = GoldLabeler::new(&world);
         let (tok, _) = upstream_tokenizer(ctx, &self.policy)?;
         let pad = pad_id(&tok);

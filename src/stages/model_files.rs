@@ -66,6 +66,53 @@ pub fn decode(tok: &LoadedTokenizer, ids: &[usize]) -> Result<String, StageError
         .map_err(|e| StageError::Failed(format!("cannot decode an answer: {e}")))
 }
 
+/// A reward stage's model, refused by name when it has no score head.
+pub fn load_reward_model(
+    ctx: &StageContext,
+    field: &str,
+    stage: &StageRef,
+) -> Result<crate::model::frozen::FrozenModel, StageError> {
+    let model = crate::model::frozen::FrozenModel::load(ctx.stage_dir(stage)?)?;
+    if !model.has_score_head() {
+        return Err(StageError::Failed(format!(
+            "`{field}` = `{}` has no score head: name a `reward` stage",
+            stage.name()
+        )));
+    }
+    Ok(model)
+}
+
+/// The synthetic world of a `synth` stage, whose gold labeler judges answers.
+pub fn load_world(
+    ctx: &StageContext,
+    field: &str,
+    stage: &StageRef,
+) -> Result<crate::data::world::World, StageError> {
+    let path = ctx.stage_dir(stage)?.join("world.json");
+    if !path.exists() {
+        return Err(StageError::Failed(format!(
+            "`{field}` = `{}` has no world.json: name a `synth` stage",
+            stage.name()
+        )));
+    }
+    Ok(crate::data::world::World::load(&path)?)
+}
+
+/// The checks every sampling stage shares: `batch_size` and
+/// `sampling.max_new_tokens` at least 1.
+pub fn validate_sampling(
+    batch_size: usize,
+    sampling: &crate::model::generate::SampleSettings,
+) -> Result<(), (String, String)> {
+    if batch_size == 0 || sampling.max_new_tokens == 0 {
+        return Err((
+            "batch_size".into(),
+            "`batch_size` and `sampling.max_new_tokens` must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The inputs every finetuning stage has: `from`, `data`, optional `eval_data`.
 pub fn finetune_inputs(
     from: &StageRef,

@@ -16,7 +16,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model_files::{copy_tokenizer, end_id, model_outputs, pad_id, upstream_tokenizer};
+use super::model_files::{
+    copy_tokenizer, end_id, load_reward_model, model_outputs, pad_id, upstream_tokenizer,
+};
 use super::token_data::{load_prompts, pack_corpus};
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
 use crate::data::formats;
@@ -236,13 +238,9 @@ impl StageKind for PpoSettings {
             }
             None => None,
         };
+        // Checked here so a wrong stage is refused by name before training.
+        load_reward_model(ctx, "reward_model", &self.reward_model)?;
         let reward_dir = ctx.stage_dir(&self.reward_model)?;
-        if !crate::model::frozen::FrozenModel::load(reward_dir)?.has_score_head() {
-            return Err(StageError::Failed(format!(
-                "`reward_model` = `{}` has no score head: name a `reward` stage",
-                self.reward_model.name()
-            )));
-        }
         let cfg = PpoConfig {
             kl_coef: self.kl_coef,
             target_kl: self.target_kl,

@@ -39,7 +39,7 @@ use super::preference::{gae, kl_k1, kl_k3, ppo_policy_loss, ppo_value_loss};
 use super::{clipped_step, gradients, TrainError};
 use crate::data::rng::Rng;
 use crate::model::generate::{generate, SampleSettings};
-use crate::model::llama::{logits, scalar_at_last, scalar_values, TokenBatch};
+use crate::model::llama::{logits, reward_scores, scalar_values, TokenBatch};
 use crate::model::{checkpoint, workers, Dev, LlamaParams};
 use crate::stages::Metrics;
 
@@ -185,12 +185,10 @@ fn rollout(
         || logprobs_and_entropy(policy, &batch),
         || logprobs_and_entropy(reference, &batch),
     );
-    let (values_flat, raw_scores) = workers::join(
+    let (values_flat, mut scores) = workers::join(
         || scalar_values(value, &batch, NoneTape).as_vec(),
-        || scalar_at_last(reward, &batch, NoneTape).as_vec(),
+        || reward_scores(reward, &batch),
     );
-    let offset = reward.config.reward_offset.unwrap_or(0.0) as f32;
-    let mut scores: Vec<f32> = raw_scores.into_iter().map(|x| x + offset).collect();
     if let Some(c) = cfg.score_clip {
         scores
             .iter_mut()
@@ -417,20 +415,14 @@ pub fn train(
 
         // Statistics of the rollouts (what the KL controller sees: k1).
         let n = s.batch_size as f64;
-        let kl1: f64 = roll
+        let sum = |v: Vec<f32>| v.into_iter().map(f64::from).sum::<f64>();
+        let (kl1, kl3) = roll
             .old_logp
             .iter()
             .zip(&roll.ref_logp)
-            .map(|(p, r)| kl_k1(p, r).iter().map(|x| f64::from(*x)).sum::<f64>())
-            .sum::<f64>()
-            / n;
-        let kl3: f64 = roll
-            .old_logp
-            .iter()
-            .zip(&roll.ref_logp)
-            .map(|(p, r)| kl_k3(p, r).iter().map(|x| f64::from(*x)).sum::<f64>())
-            .sum::<f64>()
-            / n;
+            .fold((0.0, 0.0), |(a, b), (p, r)| {
+                (a + sum(kl_k1(p, r)) / n, b + sum(kl_k3(p, r)) / n)
+            });
         let score = roll.scores.iter().map(|x| f64::from(*x)).sum::<f64>() / n;
         let length = roll.columns.iter().map(Vec::len).sum::<usize>() as f64 / n;
         let u = updates.max(1) as f64;
