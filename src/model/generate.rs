@@ -5,7 +5,8 @@
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::llama::{attend, linear, logits, mlp, project_qkv, rms_norm, Rope, TokenBatch};
+use super::kernels::Kernels;
+use super::llama::{attend, linear, logits, mlp, project_qkv, Rope, TokenBatch};
 use super::{Dev, LlamaParams};
 use crate::data::rng::Rng;
 
@@ -69,15 +70,15 @@ fn step(
     let ids = dev.tensor_from_vec(ids, (b, n));
     let mut x: Tensor<(usize, usize, usize), f32, Dev> = params.embed_tokens.clone().gather(ids);
     for (l, layer) in params.layers.iter().enumerate() {
-        let normed = rms_norm(x.clone(), &layer.input_layernorm, eps);
+        let normed = Dev::rms_norm(x.clone(), &layer.input_layernorm, eps);
         let (q, k, v) = project_qkv(normed, layer, params, &consts);
         let k = append(&mut cache.keys[l], k);
         let v = append(&mut cache.values[l], v);
         x = x.clone() + attend((q, k, v), layer, params, &consts);
-        let normed = rms_norm(x.clone(), &layer.post_attention_layernorm, eps);
+        let normed = Dev::rms_norm(x.clone(), &layer.post_attention_layernorm, eps);
         x = x.clone() + mlp(normed, layer);
     }
-    let h = rms_norm(x, &params.norm, eps);
+    let h = Dev::rms_norm(x, &params.norm, eps);
     let last = dev.tensor_from_vec(vec![n - 1; b], (b,));
     let h: Tensor<(usize, usize), f32, Dev> = h.select(last);
     let (bb, hh) = *h.shape();

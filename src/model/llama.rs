@@ -14,6 +14,7 @@
 
 use dfdx::prelude::*;
 
+use super::kernels::Kernels;
 use super::params::{Layer, LlamaParams, Matrix};
 
 /// Token ids of a batch, row-major (batch, seq), and which are real tokens.
@@ -87,14 +88,14 @@ pub type T3<E, D, T> = Tensor<(usize, usize, usize), E, D, T>;
 pub type T2<E, D, T> = Tensor<(usize, usize), E, D, T>;
 
 /// Constants shared by all layers of one forward pass.
-pub(crate) struct Rope<E: Dtype, D: Storage<E>> {
+pub struct Rope<E: Dtype, D: Storage<E>> {
     /// (batch, query, head_dim)
-    cos: Tensor<(usize, usize, usize), E, D>,
-    sin: Tensor<(usize, usize, usize), E, D>,
+    pub(crate) cos: Tensor<(usize, usize, usize), E, D>,
+    pub(crate) sin: Tensor<(usize, usize, usize), E, D>,
     /// (head_dim, head_dim): x @ rotate == rotate_half(x)
-    rotate: Tensor<(usize, usize), E, D>,
+    pub(crate) rotate: Tensor<(usize, usize), E, D>,
     /// (batch, query, key): 0 where the query may see the key, else -1e9
-    bias: Tensor<(usize, usize, usize), E, D>,
+    pub(crate) bias: Tensor<(usize, usize, usize), E, D>,
 }
 
 const MASKED: f32 = -1e9;
@@ -168,39 +169,6 @@ pub(crate) fn linear<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
     x.matmul(w.retaped::<T>().permute::<_, Axes2<1, 0>>())
 }
 
-/// RMSNorm over the last axis with a (1, H) weight.
-pub(crate) fn rms_norm<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T>>(
-    x: T3<E, D, T>,
-    w: &Matrix<E, D>,
-    eps: f64,
-) -> T3<E, D, T> {
-    let shape = *x.shape();
-    let var = x.retaped::<T>().square().mean::<(usize, usize), Axis<2>>();
-    let inv = (var + E::from(eps as f32)).sqrt().recip();
-    let weight = w
-        .retaped::<T>()
-        .reshape_like(&(shape.2,))
-        .broadcast_like::<_, Axes2<0, 1>>(&shape);
-    x * inv.broadcast_like::<_, Axis<2>>(&shape) * weight
-}
-
-/// Rotary embedding of q or k laid out (B, S, heads, head_dim).
-fn rope<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
-    x: Tensor<(usize, usize, usize, usize), E, D, T>,
-    c: &Rope<E, D>,
-) -> Tensor<(usize, usize, usize, usize), E, D, T> {
-    let shape = *x.shape();
-    let (b, s, n, hd) = shape;
-    let rotated = x
-        .retaped::<T>()
-        .reshape_like(&(b * s * n, hd))
-        .matmul(c.rotate.clone())
-        .reshape_like(&shape);
-    let cos = c.cos.clone().broadcast_like::<_, Axis<2>>(&shape);
-    let sin = c.sin.clone().broadcast_like::<_, Axis<2>>(&shape);
-    x * cos + rotated * sin
-}
-
 /// (B, kv_heads, S, hd) -> (B, heads, S, hd), each kv head serving `group` query heads.
 fn repeat_kv<E: Dtype, D: Device<E>, T: Tape<E, D>>(
     x: Tensor<(usize, usize, usize, usize), E, D, T>,
@@ -224,7 +192,7 @@ pub(crate) type Qkv<E, D, T> = (
 
 pub(crate) fn project_qkv<
     E: Dtype + From<f32>,
-    D: Device<E>,
+    D: Kernels<E>,
     T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
 >(
     x: T3<E, D, T>,
@@ -238,14 +206,14 @@ pub(crate) fn project_qkv<
     let q = linear(x.retaped::<T>(), &layer.q_proj).reshape_like(&(b, s, nh, hd));
     let k = linear(x.retaped::<T>(), &layer.k_proj).reshape_like(&(b, s, nkv, hd));
     let v = linear(x, &layer.v_proj).reshape_like(&(b, s, nkv, hd));
-    (rope(q, c), rope(k, c), v)
+    (D::rope(q, c), D::rope(k, c), v)
 }
 
 /// Attention of queries (B, Sq, nh, hd) over keys and values (B, Sk, nkv, hd)
 /// with the bias in `c`, then the output projection: (B, Sq, H).
 pub(crate) fn attend<
     E: Dtype + From<f32>,
-    D: Device<E>,
+    D: Kernels<E>,
     T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
 >(
     (q, k, v): Qkv<E, D, T>,
@@ -255,25 +223,20 @@ pub(crate) fn attend<
 ) -> T3<E, D, T> {
     let cfg = &params.config;
     let (b, sq, nh, hd) = *q.shape();
-    let sk = k.shape().1;
     let group = nh / cfg.kv_heads();
     let q = q.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, nh, Sq, hd)
     let k = repeat_kv(k.permute::<_, Axes4<0, 2, 1, 3>>(), group); // (B, nh, Sk, hd)
     let v = repeat_kv(v.permute::<_, Axes4<0, 2, 1, 3>>(), group);
-    let scale = E::from((1.0 / (hd as f64).sqrt()) as f32);
-    let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()) * scale; // (B, nh, Sq, Sk)
-    let scores = scores
-        + c.bias
-            .clone()
-            .broadcast_like::<_, Axis<1>>(&(b, nh, sq, sk));
-    let out = scores.softmax::<Axis<3>>().matmul(v); // (B, nh, Sq, hd)
+    let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()); // (B, nh, Sq, Sk)
+    let probs = D::masked_softmax(scores, 1.0 / (hd as f64).sqrt(), c);
+    let out = probs.matmul(v); // (B, nh, Sq, hd)
     let out = out
         .permute::<_, Axes4<0, 2, 1, 3>>()
         .reshape_like(&(b, sq, nh * hd));
     linear(out, &layer.o_proj)
 }
 
-fn attention<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
+fn attention<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
     x: T3<E, D, T>,
     layer: &Layer<E, D>,
     params: &LlamaParams<E, D>,
@@ -282,15 +245,13 @@ fn attention<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T> + Merg
     attend(project_qkv(x, layer, params, c), layer, params, c)
 }
 
-pub(crate) fn mlp<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+pub(crate) fn mlp<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>(
     x: T3<E, D, T>,
     layer: &Layer<E, D>,
 ) -> T3<E, D, T> {
     let gate = linear(x.retaped::<T>(), &layer.gate_proj);
     let up = linear(x, &layer.up_proj);
-    // SiLU(g) = g * sigmoid(g); dfdx has no silu op.
-    let silu = gate.retaped::<T>() * gate.sigmoid();
-    linear(silu * up, &layer.down_proj)
+    linear(D::swiglu(gate, up), &layer.down_proj)
 }
 
 /// The final hidden states (after the last RMSNorm): (B, S, H).
@@ -301,7 +262,7 @@ pub fn hidden_states<E, D, T>(
 ) -> T3<E, D, T>
 where
     E: Dtype + From<f32>,
-    D: Device<E>,
+    D: Kernels<E>,
     T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
 {
     let dev = params.embed_tokens.device().clone();
@@ -310,19 +271,19 @@ where
     let ids = dev.tensor_from_vec(batch.ids.clone(), (batch.batch, batch.seq));
     let mut x: T3<E, D, T> = params.embed_tokens.clone().put_tape(tape).gather(ids);
     for layer in &params.layers {
-        let normed = rms_norm(x.retaped::<T>(), &layer.input_layernorm, eps);
+        let normed = D::rms_norm(x.retaped::<T>(), &layer.input_layernorm, eps);
         x = x + attention(normed, layer, params, &consts);
-        let normed = rms_norm(x.retaped::<T>(), &layer.post_attention_layernorm, eps);
+        let normed = D::rms_norm(x.retaped::<T>(), &layer.post_attention_layernorm, eps);
         x = x + mlp(normed, layer);
     }
-    rms_norm(x, &params.norm, eps)
+    D::rms_norm(x, &params.norm, eps)
 }
 
 /// Next-token logits (B, S, vocab).
 pub fn logits<E, D, T>(params: &LlamaParams<E, D>, batch: &TokenBatch, tape: T) -> T3<E, D, T>
 where
     E: Dtype + From<f32>,
-    D: Device<E>,
+    D: Kernels<E>,
     T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
 {
     let h = hidden_states(params, batch, tape);
@@ -339,18 +300,16 @@ pub fn token_logprobs<E, D, T>(
 ) -> T2<E, D, T>
 where
     E: Dtype + From<f32>,
-    D: Device<E>,
+    D: Kernels<E>,
     T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
 {
     let (b, s) = (batch.batch, batch.seq);
-    let dev = params.embed_tokens.device().clone();
-    let lp = logits(params, batch, tape).log_softmax::<Axis<2>>(); // (B, S, V)
     let mut targets = Vec::with_capacity(b * s);
     for row in batch.ids.chunks(s) {
         targets.extend(row[1..].iter().copied());
         targets.push(row[s - 1]);
     }
-    lp.select(dev.tensor_from_vec(targets, (b, s)))
+    D::gather_logprobs(logits(params, batch, tape), &targets)
 }
 
 /// The scalar head at every position (B, S): reward or value model output.
@@ -361,7 +320,7 @@ pub fn scalar_values<E, D, T>(
 ) -> T2<E, D, T>
 where
     E: Dtype + From<f32>,
-    D: Device<E>,
+    D: Kernels<E>,
     T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
 {
     let score = params.score.as_ref().expect("model has a score head");
@@ -378,7 +337,7 @@ pub fn scalar_at_last<E, D, T>(
 ) -> Tensor<(usize,), E, D, T>
 where
     E: Dtype + From<f32>,
-    D: Device<E>,
+    D: Kernels<E>,
     T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
 {
     let dev = params.embed_tokens.device().clone();
@@ -389,7 +348,10 @@ where
 /// A reward model's scores (B,): the scalar head at each row's last real
 /// token plus the model's `reward_offset` (its normalisation), as every
 /// user of a trained reward model reads them.
-pub fn reward_scores<D: Device<f32>>(params: &LlamaParams<f32, D>, batch: &TokenBatch) -> Vec<f32> {
+pub fn reward_scores<D: Kernels<f32>>(
+    params: &LlamaParams<f32, D>,
+    batch: &TokenBatch,
+) -> Vec<f32> {
     let offset = params.config.reward_offset.unwrap_or(0.0) as f32;
     scalar_at_last(params, batch, NoneTape)
         .as_vec()

@@ -2,6 +2,7 @@
 
 use dfdx::prelude::*;
 
+use crate::model::kernels::Kernels;
 use crate::model::llama::{token_logprobs, TokenBatch};
 use crate::model::LlamaParams;
 
@@ -16,7 +17,7 @@ pub fn lm_loss<D, T>(
     tape: T,
 ) -> Tensor<(), f32, D, T>
 where
-    D: Device<f32>,
+    D: Kernels<f32>,
     T: Tape<f32, D> + Merge<T> + Merge<NoneTape>,
 {
     let dev = params.embed_tokens.device().clone();

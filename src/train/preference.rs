@@ -18,6 +18,7 @@
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::model::kernels::Kernels;
 use crate::model::llama::{token_logprobs, TokenBatch};
 use crate::model::LlamaParams;
 
@@ -45,7 +46,7 @@ pub fn sequence_logprobs<D, T>(
     tape: T,
 ) -> Vector<D, T>
 where
-    D: Device<f32>,
+    D: Kernels<f32>,
     T: Tape<f32, D> + Merge<T> + Merge<NoneTape>,
 {
     let dev = params.embed_tokens.device().clone();
