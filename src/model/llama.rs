@@ -169,19 +169,6 @@ pub(crate) fn linear<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
     x.matmul(w.retaped::<T>().permute::<_, Axes2<1, 0>>())
 }
 
-/// (B, kv_heads, S, hd) -> (B, heads, S, hd), each kv head serving `group` query heads.
-fn repeat_kv<E: Dtype, D: Device<E>, T: Tape<E, D>>(
-    x: Tensor<(usize, usize, usize, usize), E, D, T>,
-    group: usize,
-) -> Tensor<(usize, usize, usize, usize), E, D, T> {
-    if group == 1 {
-        return x;
-    }
-    let (b, kv, s, hd) = *x.shape();
-    x.broadcast_like::<_, Axis<2>>(&(b, kv, group, s, hd))
-        .reshape_like(&(b, kv * group, s, hd))
-}
-
 /// Queries, keys and values of a layer with rotary embeddings applied,
 /// laid out (B, S, heads, hd) and (B, S, kv_heads, hd).
 pub(crate) type Qkv<E, D, T> = (
@@ -221,16 +208,28 @@ pub(crate) fn attend<
     params: &LlamaParams<E, D>,
     c: &Rope<E, D>,
 ) -> T3<E, D, T> {
-    let cfg = &params.config;
     let (b, sq, nh, hd) = *q.shape();
-    let group = nh / cfg.kv_heads();
-    let q = q.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, nh, Sq, hd)
-    let k = repeat_kv(k.permute::<_, Axes4<0, 2, 1, 3>>(), group); // (B, nh, Sk, hd)
-    let v = repeat_kv(v.permute::<_, Axes4<0, 2, 1, 3>>(), group);
-    let scores = q.matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()); // (B, nh, Sq, Sk)
-    let probs = D::masked_softmax(scores, 1.0 / (hd as f64).sqrt(), c);
-    let out = probs.matmul(v); // (B, nh, Sq, hd)
-    let out = out
+    let (nkv, sk) = (params.config.kv_heads(), k.shape().1);
+    let group = nh / nkv;
+    // Query head h uses key/value head h / group (HF's repeat_kv order), so
+    // the `group` query heads of one key/value head are stacked along the
+    // query axis: keys and values (the whole cache, when generating) are
+    // used in place instead of being copied `group` times.
+    let q = q
+        .permute::<_, Axes4<0, 2, 1, 3>>() // (B, nh, Sq, hd)
+        .reshape_like(&(b, nkv, group * sq, hd));
+    let k = k.permute::<_, Axes4<0, 2, 3, 1>>(); // (B, nkv, hd, Sk)
+    let v = v.permute::<_, Axes4<0, 2, 1, 3>>(); // (B, nkv, Sk, hd)
+    let scores = q.matmul(k).reshape_like(&(b, nh, sq, sk));
+    let probs = D::masked_softmax(scores, 1.0 / (hd as f64).sqrt(), c).reshape_like(&(
+        b,
+        nkv,
+        group * sq,
+        sk,
+    ));
+    let out = probs
+        .matmul(v) // (B, nkv, group * Sq, hd) = (B, nh, Sq, hd)
+        .reshape_like(&(b, nh, sq, hd))
         .permute::<_, Axes4<0, 2, 1, 3>>()
         .reshape_like(&(b, sq, nh * hd));
     linear(out, &layer.o_proj)

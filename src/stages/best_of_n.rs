@@ -67,7 +67,7 @@ fn default_batch_size() -> usize {
 
 impl StageKind for BestOfNSettings {
     const KIND: &'static str = "best_of_n";
-    const RECIPE_VERSION: u32 = 5;
+    const RECIPE_VERSION: u32 = 6;
     const SUMMARY: &'static str = "sample n answers per prompt, keep the reward model's favourite";
 
     fn inputs(&self) -> Vec<Input> {

@@ -74,7 +74,7 @@ fn default_max_len() -> usize {
 
 impl StageKind for DpoSettings {
     const KIND: &'static str = "dpo";
-    const RECIPE_VERSION: u32 = 4;
+    const RECIPE_VERSION: u32 = 5;
     const SUMMARY: &'static str = "direct preference optimisation against a frozen reference";
 
     fn inputs(&self) -> Vec<Input> {

@@ -151,7 +151,7 @@ pub const COLUMNS: [&str; 27] = [
 
 impl StageKind for EvalSettings {
     const KIND: &'static str = "eval";
-    const RECIPE_VERSION: u32 = 5;
+    const RECIPE_VERSION: u32 = 6;
     const SUMMARY: &'static str =
         "policies on held-out prompts: gold and reward scores, KL, win rate, perplexity";
 

@@ -80,7 +80,7 @@ fn default_batch_size() -> usize {
 
 impl StageKind for LabelSettings {
     const KIND: &'static str = "label";
-    const RECIPE_VERSION: u32 = 4;
+    const RECIPE_VERSION: u32 = 5;
     const SUMMARY: &'static str =
         "gold-label comparisons of a policy's own answers (preference data collection)";
 

@@ -135,7 +135,7 @@ fn default_train() -> TrainSettings {
 
 impl StageKind for PpoSettings {
     const KIND: &'static str = "ppo";
-    const RECIPE_VERSION: u32 = 4;
+    const RECIPE_VERSION: u32 = 5;
     const SUMMARY: &'static str =
         "RLHF: PPO against a reward model with a KL penalty to a reference";
 

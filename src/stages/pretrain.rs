@@ -107,7 +107,7 @@ fn default_eval_fraction() -> f64 {
 
 impl StageKind for PretrainSettings {
     const KIND: &'static str = "pretrain";
-    const RECIPE_VERSION: u32 = 4;
+    const RECIPE_VERSION: u32 = 5;
     const SUMMARY: &'static str = "train a new Llama on next-token prediction over a corpus";
 
     fn inputs(&self) -> Vec<Input> {

@@ -76,7 +76,7 @@ fn default_max_len() -> usize {
 
 impl StageKind for RewardSettings {
     const KIND: &'static str = "reward";
-    const RECIPE_VERSION: u32 = 4;
+    const RECIPE_VERSION: u32 = 5;
     const SUMMARY: &'static str = "train a reward model on comparisons or rankings";
 
     fn inputs(&self) -> Vec<Input> {

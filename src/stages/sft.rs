@@ -51,7 +51,7 @@ fn default_max_len() -> usize {
 
 impl StageKind for SftSettings {
     const KIND: &'static str = "sft";
-    const RECIPE_VERSION: u32 = 4;
+    const RECIPE_VERSION: u32 = 5;
     const SUMMARY: &'static str = "finetune a model on demonstrations, loss on responses only";
 
     fn inputs(&self) -> Vec<Input> {
