@@ -69,8 +69,7 @@ impl FrozenModel {
         seed: u64,
         batch: usize,
     ) -> Vec<Vec<usize>> {
-        let chunks: Vec<&[Vec<usize>]> = prompts.chunks(batch.max(1)).collect();
-        workers::map(&chunks, |i, chunk| {
+        workers::map_chunks(prompts, batch, |i, chunk| {
             generate(
                 &self.params,
                 chunk,
@@ -116,8 +115,7 @@ impl FrozenModel {
         pad: usize,
         batch: usize,
     ) -> Vec<Vec<f32>> {
-        let chunks: Vec<&[(&[usize], &[usize])]> = pairs.chunks(batch.max(1)).collect();
-        workers::map(&chunks, |_, chunk| {
+        workers::map_chunks(pairs, batch, |_, chunk| {
             let rows: Vec<Vec<usize>> = chunk.iter().map(|(p, r)| [*p, *r].concat()).collect();
             let tb = TokenBatch::right_padded(&rows, pad);
             let lp = token_logprobs(&self.params, &tb, NoneTape).as_vec();
@@ -138,8 +136,7 @@ impl FrozenModel {
     /// score), plus the model's `reward_offset` when it has one.
     pub fn scores(&self, sequences: &[Vec<usize>], pad: usize, batch: usize) -> Vec<f32> {
         assert!(self.has_score_head(), "scores() needs a score head");
-        let chunks: Vec<&[Vec<usize>]> = sequences.chunks(batch.max(1)).collect();
-        workers::map(&chunks, |_, chunk| {
+        workers::map_chunks(sequences, batch, |_, chunk| {
             reward_scores(&self.params, &TokenBatch::right_padded(chunk, pad))
         })
         .concat()

@@ -62,6 +62,17 @@ pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(usize, &T) -> R + Sync) -> 
         .collect()
 }
 
+/// `f(index, chunk)` for each `size`-long chunk of `items` (the last may be
+/// shorter), spread over the workers, results in chunk order.
+pub fn map_chunks<T: Sync, R: Send>(
+    items: &[T],
+    size: usize,
+    f: impl Fn(usize, &[T]) -> R + Sync,
+) -> Vec<R> {
+    let chunks: Vec<&[T]> = items.chunks(size.max(1)).collect();
+    map(&chunks, |i, chunk| f(i, chunk))
+}
+
 /// `a()` and `b()` at once, on the two workers.
 pub fn join<A: Send, B: Send>(
     a: impl FnOnce() -> A + Send,

@@ -247,9 +247,8 @@ impl BestRows {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pick {
     pub response: String,
-    /// The sampled token ids (without the end token).
-    pub ids: Vec<usize>,
-    pub finished: bool,
+    /// The answer as sampled: token ids and whether it ended.
+    pub answer: Sampled,
 }
 
 /// The picks of a `best_of_n.parquet` by (rendered prompt, n), in file
@@ -268,14 +267,15 @@ pub fn read_best(df: &DataFrame, path: &Path) -> Result<super::eval::Picks, Stag
             .collect())
     };
     let (prompt, response) = (text("prompt")?, text("response")?);
-    let n: Vec<usize> = df
-        .column("n")
-        .and_then(|c| c.cast(&DataType::UInt64))
-        .and_then(|c| c.u64().cloned())
-        .map_err(bad)?
-        .iter()
-        .map(|v| v.unwrap_or(0) as usize)
-        .collect();
+    let usizes = |s: &Series| -> Result<Vec<usize>, StageError> {
+        Ok(s.cast(&DataType::UInt64)
+            .and_then(|s| s.u64().cloned())
+            .map_err(bad)?
+            .iter()
+            .map(|v| v.unwrap_or(0) as usize)
+            .collect())
+    };
+    let n = usizes(df.column("n").map_err(bad)?.as_materialized_series())?;
     let lists = df
         .column("response_ids")
         .and_then(|c| c.list().cloned())
@@ -295,19 +295,12 @@ pub fn read_best(df: &DataFrame, path: &Path) -> Result<super::eval::Picks, Stag
         .enumerate()
     {
         let ids = match lists.get_as_series(i) {
-            Some(s) => s
-                .cast(&DataType::UInt64)
-                .and_then(|s| s.u64().cloned())
-                .map_err(bad)?
-                .iter()
-                .map(|v| v.unwrap_or(0) as usize)
-                .collect(),
+            Some(s) => usizes(&s)?,
             None => Vec::new(),
         };
         picks.entry((prompt, n)).or_default().push_back(Pick {
             response,
-            ids,
-            finished,
+            answer: Sampled { ids, finished },
         });
     }
     Ok(picks)

@@ -467,14 +467,10 @@ impl<'a> Evaluation<'a> {
                         ))
                     })?;
                 // Scored as sampled: the picked token ids, not re-encoded text.
-                let mut seq = [ids.as_slice(), pick.ids.as_slice()].concat();
-                if pick.finished {
-                    seq.push(self.end);
-                }
-                sequences.push(seq);
+                sequences.push(pick.answer.sequence(ids, self.end));
                 texts.push(pick.response);
-                tokens.push(pick.ids.len());
-                finished.push(pick.finished);
+                tokens.push(pick.answer.ids.len());
+                finished.push(pick.answer.finished);
             }
             let reward = self.reward_model.as_ref().map(|rm| {
                 rm.scores(&sequences, self.pad, self.s.batch_size)

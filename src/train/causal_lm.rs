@@ -84,8 +84,7 @@ fn evaluate(
     pad: usize,
 ) -> f64 {
     let rows: Vec<usize> = (0..examples.len()).collect();
-    let chunks: Vec<&[usize]> = rows.chunks(batch_size.max(1)).collect();
-    let parts = workers::map(&chunks, |_, chunk| {
+    let parts = workers::map_chunks(&rows, batch_size, |_, chunk| {
         let (batch, weights) = batch_of(examples, chunk, pad);
         let n: f32 = weights.iter().sum();
         if n == 0.0 {

@@ -73,8 +73,7 @@ fn pair_logprobs(
     batch_size: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let rows: Vec<usize> = (0..pairs.len()).collect();
-    let chunks: Vec<&[usize]> = rows.chunks(batch_size.max(1)).collect();
-    let parts = workers::map(&chunks, |_, chunk| {
+    let parts = workers::map_chunks(&rows, batch_size, |_, chunk| {
         (
             logprobs(params, &pairs.chosen, chunk, pad, NoneTape).as_vec(),
             logprobs(params, &pairs.rejected, chunk, pad, NoneTape).as_vec(),

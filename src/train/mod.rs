@@ -88,25 +88,25 @@ where
         for _ in 0..s.grad_accum {
             let rows = draw();
             // The parts of a micro-batch run at once (see model::workers).
-            let per = rows.len().div_ceil(workers::WORKERS).max(1);
-            let chunks: Vec<&[usize]> = rows.chunks(per).collect();
+            let per = rows.len().div_ceil(workers::WORKERS);
             let params_ref: &LlamaParams<f32, D> = params;
-            let parts: Vec<Result<PartResult<D>, TrainError>> = workers::map(&chunks, |_, part| {
-                let StepLoss {
-                    loss: part_loss,
-                    tokens,
-                    units,
-                    extras,
-                } = loss(params_ref, part)?;
-                let value = part_loss.as_vec()[0] as f64;
-                Ok((
-                    gradients(params_ref, part_loss),
-                    value,
-                    tokens,
-                    units,
-                    extras,
-                ))
-            });
+            let parts: Vec<Result<PartResult<D>, TrainError>> =
+                workers::map_chunks(&rows, per, |_, part| {
+                    let StepLoss {
+                        loss: part_loss,
+                        tokens,
+                        units,
+                        extras,
+                    } = loss(params_ref, part)?;
+                    let value = part_loss.as_vec()[0] as f64;
+                    Ok((
+                        gradients(params_ref, part_loss),
+                        value,
+                        tokens,
+                        units,
+                        extras,
+                    ))
+                });
             let parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;
             let units: f64 = parts.iter().map(|p| p.3).sum::<f64>().max(1e-12);
             for (grads, value, n, u, more) in parts {

@@ -142,9 +142,9 @@ fn rollout(
     kl_coef: f64,
     seed: u64,
 ) -> Rollouts {
-    // Two halves of the batch sample at once, each its own seeded stream.
-    let halves: Vec<&[Vec<usize>]> = prompts.chunks(prompts.len().div_ceil(2).max(1)).collect();
-    let responses: Vec<Vec<usize>> = workers::map(&halves, |i, half| {
+    // The batch's halves sample at once, each its own seeded stream.
+    let half = prompts.len().div_ceil(workers::WORKERS);
+    let responses: Vec<Vec<usize>> = workers::map_chunks(&prompts, half, |i, half| {
         let half_seed = seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
         generate(
             policy,
@@ -287,7 +287,7 @@ pub fn train(
     let mut policy = checkpoint::load(models.policy, &dev)?;
     let reference = checkpoint::load(models.reference, &dev)?;
     let reward = checkpoint::load(models.reward, &dev)?;
-    let mut value = checkpoint::load(models.reward, &dev)?;
+    let mut value = reward.clone();
     // The value model starts from the reward model's weights; its head is
     // not a reward, so the reward's normalisation does not apply to it.
     value.config.reward_offset = None;

@@ -77,8 +77,7 @@ fn score_all(
     batch: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let rows: Vec<usize> = (0..p.pairs.len()).collect();
-    let chunks: Vec<&[usize]> = rows.chunks(batch.max(1)).collect();
-    let parts = workers::map(&chunks, |_, chunk| {
+    let parts = workers::map_chunks(&rows, batch, |_, chunk| {
         (
             rewards(params, &p.pairs.chosen, chunk, pad, NoneTape).as_vec(),
             rewards(params, &p.pairs.rejected, chunk, pad, NoneTape).as_vec(),
