@@ -3,12 +3,15 @@
 //! An experiment file (TOML) describes a DAG of stages. [`experiment`] reads and
 //! validates it, [`plan`] resolves the DAG and computes each stage's cache key,
 //! [`store`] keeps finished stage outputs by key, [`runner`] executes what is
-//! stale, [`stages`] holds one file per stage kind, [`data`] the datasets and
+//! stale, [`stages`] holds one file per stage kind, [`chat`] the tokenizers
+//! and chat templates both sides share, [`data`] the datasets and
 //! the synthetic assistant world, [`model`] the Llama in dfdx, [`results`]
 //! the result tables.
 
+pub mod chat;
 pub mod data;
 pub mod experiment;
+pub mod gguf;
 pub mod model;
 pub mod plan;
 pub mod results;

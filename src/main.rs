@@ -1,7 +1,7 @@
 //! The `posttrain` command line. Only argument parsing and dispatch live
 //! here; every command calls one library function.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -110,6 +110,20 @@ enum Command {
         max_new_tokens: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// "model" (the model's own template when it has one), "posttrain", or a .jinja file
+        #[arg(long, default_value = "model")]
+        chat_template: String,
+    },
+    /// Write a model as a GGUF file (for llama.cpp and Ollama), with its tokenizer and chat template
+    Export {
+        /// A model folder, or EXPERIMENT:STAGE
+        model: String,
+        /// The file to write (.gguf)
+        #[arg(long)]
+        out: PathBuf,
+        /// Tensor type: f32, f16 or q8_0 (norms and biases stay f32)
+        #[arg(long = "type", default_value = "f16")]
+        kind: String,
     },
     /// Per-token log-probabilities (JSON) of text under a model, or a corpus's perplexity
     Score {
@@ -156,6 +170,18 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// A model folder given as a path or as EXPERIMENT:STAGE.
+fn model_dir(project: &Project, model: &str) -> anyhow::Result<PathBuf> {
+    if Path::new(model).is_dir() {
+        Ok(PathBuf::from(model))
+    } else if let Some((exp, stage)) = model.split_once(':') {
+        let exp = load(project, exp)?;
+        Ok(runner::stage_output(project, &exp, stage)?)
+    } else {
+        anyhow::bail!("`{model}` is neither a model folder nor EXPERIMENT:STAGE");
     }
 }
 
@@ -403,10 +429,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             top_p,
             max_new_tokens,
             seed,
+            chat_template,
         } => {
             let exp = load(&project, &experiment)?;
             let dir = runner::stage_output(&project, &exp, &stage)?;
-            let model = posttrain::model::chat::ChatModel::load(&dir)?;
+            let choice = posttrain::chat::TemplateChoice::parse(
+                Some(&chat_template),
+                &std::env::current_dir().context("no current directory")?,
+            )
+            .map_err(anyhow::Error::msg)?;
+            let model = posttrain::model::chat::ChatModel::load(&dir, &choice)?;
             let settings = posttrain::model::generate::SampleSettings {
                 temperature,
                 top_k,
@@ -435,20 +467,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Export { model, out, kind } => {
+            let dir = model_dir(&project, &model)?;
+            let Some(kind) = posttrain::model::gguf_checkpoint::ExportType::parse(&kind) else {
+                anyhow::bail!("--type `{kind}`: use f32, f16 or q8_0");
+            };
+            if out.extension().is_none_or(|e| e != "gguf") {
+                anyhow::bail!("--out {}: name the file *.gguf", out.display());
+            }
+            posttrain::model::gguf_checkpoint::export_folder(&dir, &out, kind)?;
+            println!("{}", out.display());
+        }
         Command::Score {
             model,
             text,
             ids,
             perplexity,
         } => {
-            let dir = if std::path::Path::new(&model).is_dir() {
-                PathBuf::from(&model)
-            } else if let Some((exp, stage)) = model.split_once(':') {
-                let exp = load(&project, exp)?;
-                runner::stage_output(&project, &exp, stage)?
-            } else {
-                anyhow::bail!("`{model}` is neither a model folder nor EXPERIMENT:STAGE");
-            };
+            let dir = model_dir(&project, &model)?;
             let scorer = posttrain::model::score::Scorer::load(&dir)?;
             if let Some(file) = perplexity {
                 let docs: Vec<String> = if file.extension().is_some_and(|e| e == "parquet") {

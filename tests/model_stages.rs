@@ -100,8 +100,11 @@ train = { steps = 40, batch_size = 8, lr = 5e-4, warmup_steps = 4, eval_every = 
         max_new_tokens: 40,
         ..Default::default()
     };
-    let sft_model =
-        posttrain::model::chat::ChatModel::load(&p.path("results/toy/stages/sft")).unwrap();
+    let sft_model = posttrain::model::chat::ChatModel::load(
+        &p.path("results/toy/stages/sft"),
+        &posttrain::chat::TemplateChoice::Model,
+    )
+    .unwrap();
     let answers = sft_model.answer(&prompts, &greedy, 0).unwrap();
     let finished = |answers: &[posttrain::model::chat::Answer]| {
         answers
@@ -117,8 +120,11 @@ train = { steps = 40, batch_size = 8, lr = 5e-4, warmup_steps = 4, eval_every = 
         "{answers:#?}"
     );
     // The pre-trained model never saw an end of turn: it only continues text.
-    let base_model =
-        posttrain::model::chat::ChatModel::load(&p.path("results/toy/stages/base")).unwrap();
+    let base_model = posttrain::model::chat::ChatModel::load(
+        &p.path("results/toy/stages/base"),
+        &posttrain::chat::TemplateChoice::Model,
+    )
+    .unwrap();
     let base_answers = base_model.answer(&prompts, &greedy, 0).unwrap();
     assert_eq!(finished(&base_answers), 0, "{base_answers:#?}");
 

@@ -3,9 +3,10 @@
 
 use std::path::Path;
 
+use posttrain::chat::builtin as chat;
 use posttrain::data::formats::{Comparison, Demonstration, Message};
 use posttrain::data::tokenize::{self, LoadedTokenizer, TokenCache};
-use posttrain::data::{chat, formats, read_parquet};
+use posttrain::data::{formats, read_parquet};
 
 fn corpus() -> Vec<String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/assistant/corpus.parquet");
@@ -28,11 +29,14 @@ fn chat_template_tokens_are_single_ids_and_text_round_trips() {
         response: "2 plus 3 is 5.".into(),
     }];
     let table = tokenize::demonstrations(&tok, &rows, &mut TokenCache::disabled()).unwrap();
-    let prompt = &table.column("prompt")[0];
+    let tokens = &table.column("tokens")[0];
+    let trained = &table.column("trained")[0];
+    let split = trained.iter().position(|t| *t == 1).unwrap();
+    assert!(trained[split..].iter().all(|t| *t == 1));
+    let (prompt, response) = tokens.split_at(split);
     let id = |t: &str| tok.tokenizer.token_to_id(t).unwrap();
     assert_eq!(prompt.first(), Some(&id(chat::USER)));
     assert_eq!(prompt.last(), Some(&id(chat::ASSISTANT)));
-    let response = &table.column("response")[0];
     assert_eq!(response.last(), Some(&id(chat::END_OF_TURN)));
     let text = tok.tokenizer.decode(response, false).unwrap();
     assert_eq!(text, "2 plus 3 is 5.<|end|>");

@@ -71,27 +71,7 @@ impl Format {
     }
 }
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn user(content: &str) -> Message {
-        Message {
-            role: "user".into(),
-            content: content.to_string(),
-        }
-    }
-    pub fn assistant(content: &str) -> Message {
-        Message {
-            role: "assistant".into(),
-            content: content.to_string(),
-        }
-    }
-}
+pub use crate::chat::Message;
 
 /// A conversation so far (ending with a user turn) and the response to learn.
 #[derive(Debug, Clone, PartialEq)]

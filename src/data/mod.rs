@@ -1,7 +1,6 @@
 //! Datasets: Parquet reading and writing with polars, and the synthetic
 //! assistant world (facts, requests, failure modes, gold labeler).
 
-pub mod chat;
 pub mod corpus;
 pub mod formats;
 pub mod gold;
@@ -19,6 +18,8 @@ use polars::prelude::*;
 /// Why a dataset could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
+    #[error(transparent)]
+    Chat(#[from] crate::chat::ChatError),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

@@ -1,138 +1,18 @@
 //! Token ids of datasets through the chat template, cached by content: the
-//! key is blake3 over the tokenizer file, the template version and the rows
+//! key is blake3 over the tokenizer file, the template's text and the rows
 //! themselves, so an unchanged input is never tokenized twice, whichever
 //! stage or experiment asks, and a changed tokenizer or template never
 //! reuses stale ids. Cache files live in `STORE/.cache/tokens/`.
 
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::normalizers::NormalizerWrapper;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
+pub use crate::chat::tokenizer::{load_tokenizer, train_bpe, with_chat_tokens, WithChatTokens};
+pub use crate::chat::LoadedTokenizer;
 
-use super::chat::{self, END_OF_TEXT, TEMPLATE_VERSION};
 use super::formats::{Comparison, Demonstration};
 use super::DataError;
-
-/// A tokenizer with the hash of the file it came from.
-pub struct LoadedTokenizer {
-    pub tokenizer: Tokenizer,
-    pub hash: String,
-}
-
-/// Train a byte-level BPE (GPT-2 style: bytes mapped to printable
-/// characters, no prefix space) with the chat template's special tokens,
-/// and return its `tokenizer.json` text.
-pub fn train_bpe(
-    texts: &[String],
-    vocab_size: usize,
-    min_frequency: u64,
-) -> Result<String, DataError> {
-    let fail = |what: &str, e: &dyn std::fmt::Display| DataError::Invalid {
-        path: PathBuf::from("tokenizer.json"),
-        message: format!("{what}: {e}"),
-    };
-    let special: Vec<AddedToken> = chat::SPECIAL_TOKENS
-        .iter()
-        .map(|t| AddedToken::from(t.to_string(), true))
-        .collect();
-    let mut trainer = BpeTrainerBuilder::new()
-        .show_progress(false)
-        .vocab_size(vocab_size)
-        .min_frequency(min_frequency)
-        .special_tokens(special)
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .build();
-    let byte_level = ByteLevel::new(false, true, true);
-    let mut tokenizer =
-        TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-            .with_model(BPE::default())
-            .with_normalizer(None)
-            .with_pre_tokenizer(Some(byte_level))
-            .with_post_processor(Some(byte_level))
-            .with_decoder(Some(byte_level))
-            .build()
-            .map_err(|e| fail("cannot build the tokenizer", &e))?;
-    tokenizer
-        .train(&mut trainer, texts.iter())
-        .map_err(|e| fail("BPE training failed", &e))?;
-    tokenizer
-        .to_string(true)
-        .map_err(|e| fail("cannot serialize the tokenizer", &e))
-}
-
-/// A Hugging Face `tokenizer.json` with the chat template's special tokens
-/// added where missing (a real Llama tokenizer has none of them).
-pub struct WithChatTokens {
-    /// The tokenizer to write.
-    pub json: String,
-    /// The tokens that were added.
-    pub added: Vec<String>,
-    /// Ids the tokenizer used before (largest id + 1) and uses now.
-    pub vocab_before: usize,
-    pub vocab_after: usize,
-}
-
-pub fn with_chat_tokens(path: &Path) -> Result<WithChatTokens, DataError> {
-    let bytes = std::fs::read(path).map_err(DataError::io(path))?;
-    let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Invalid {
-        path: path.to_path_buf(),
-        message: format!("not a tokenizer.json: {e}"),
-    })?;
-    let span = |t: &Tokenizer| {
-        t.get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |m| *m as usize + 1)
-    };
-    let vocab_before = span(&tokenizer);
-    let added: Vec<String> = chat::SPECIAL_TOKENS
-        .iter()
-        .filter(|t| tokenizer.token_to_id(t).is_none())
-        .map(|t| t.to_string())
-        .collect();
-    let tokens: Vec<AddedToken> = added
-        .iter()
-        .map(|t| AddedToken::from(t.clone(), true))
-        .collect();
-    tokenizer.add_special_tokens(&tokens);
-    let json = tokenizer.to_string(true).map_err(|e| DataError::Invalid {
-        path: path.to_path_buf(),
-        message: format!("cannot serialize the tokenizer: {e}"),
-    })?;
-    Ok(WithChatTokens {
-        json,
-        added,
-        vocab_before,
-        vocab_after: span(&tokenizer),
-    })
-}
-
-/// Load a `tokenizer.json` (any Hugging Face tokenizer) and check it has
-/// the chat template's special tokens.
-pub fn load_tokenizer(path: &Path) -> Result<LoadedTokenizer, DataError> {
-    let bytes = std::fs::read(path).map_err(DataError::io(path))?;
-    let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Invalid {
-        path: path.to_path_buf(),
-        message: format!("not a tokenizer.json: {e}"),
-    })?;
-    for special in chat::SPECIAL_TOKENS {
-        if tokenizer.token_to_id(special).is_none() {
-            return Err(DataError::Invalid {
-                path: path.to_path_buf(),
-                message: format!(
-                    "the tokenizer has no `{special}` token, which the chat template needs"
-                ),
-            });
-        }
-    }
-    Ok(LoadedTokenizer {
-        tokenizer,
-        hash: blake3::hash(&bytes).to_hex().to_string(),
-    })
-}
+use crate::chat::builtin::END_OF_TEXT;
 
 /// Named columns of token id sequences, one entry per row, and each row's
 /// group (comparisons from one ranking share a group).
@@ -309,13 +189,7 @@ fn encode(tok: &LoadedTokenizer, texts: Vec<String>) -> Result<Vec<Vec<u32>>, Da
 /// The cache key of some rows' text under a tokenizer and the template.
 fn key(kind: &str, tok: &LoadedTokenizer, texts: &[&[String]]) -> String {
     let mut h = blake3::Hasher::new();
-    h.update(
-        format!(
-            "{kind}\0template={TEMPLATE_VERSION}\0tokenizer={}\0",
-            tok.hash
-        )
-        .as_bytes(),
-    );
+    h.update(format!("{kind}\0tokenizer+template={}\0", tok.hash).as_bytes());
     for column in texts {
         h.update(&(column.len() as u64).to_le_bytes());
         for t in column.iter() {
@@ -333,18 +207,16 @@ pub fn comparisons(
     rows: &[Comparison],
     cache: &mut TokenCache,
 ) -> Result<TokenTable, DataError> {
-    let prompts: Vec<String> = rows
-        .iter()
-        .map(|r| chat::render_prompt(&r.prompt))
-        .collect();
-    let chosen: Vec<String> = rows
-        .iter()
-        .map(|r| chat::response_text(&r.chosen))
-        .collect();
-    let rejected: Vec<String> = rows
-        .iter()
-        .map(|r| chat::response_text(&r.rejected))
-        .collect();
+    let mut prompts = Vec::with_capacity(rows.len());
+    let mut chosen = Vec::with_capacity(rows.len());
+    let mut rejected = Vec::with_capacity(rows.len());
+    for r in rows {
+        let (p, c) = tok.prompt_and_response(&r.prompt, &r.chosen)?;
+        let (_, j) = tok.prompt_and_response(&r.prompt, &r.rejected)?;
+        prompts.push(p);
+        chosen.push(c);
+        rejected.push(j);
+    }
     let groups: Vec<u64> = rows.iter().map(|r| r.group as u64).collect();
     let group_text: Vec<String> = groups.iter().map(u64::to_string).collect();
     let k = key(
@@ -364,28 +236,47 @@ pub fn comparisons(
     })
 }
 
-/// Columns `prompt` and `response`, as for comparisons.
+/// Columns `tokens` and `trained` (1 for tokens a loss trains on): a
+/// single-turn demonstration is its prompt (untrained) then its response
+/// (trained); a multi-turn one trains every assistant turn with its
+/// end-of-turn marker and nothing of system or user turns.
 pub fn demonstrations(
     tok: &LoadedTokenizer,
     rows: &[Demonstration],
     cache: &mut TokenCache,
 ) -> Result<TokenTable, DataError> {
-    let prompts: Vec<String> = rows
-        .iter()
-        .map(|r| chat::render_prompt(&r.prompt))
-        .collect();
-    let responses: Vec<String> = rows
-        .iter()
-        .map(|r| chat::response_text(&r.response))
-        .collect();
-    let k = key("demonstrations", tok, &[&prompts, &responses]);
+    let mut prompts = Vec::with_capacity(rows.len());
+    let mut responses = Vec::with_capacity(rows.len());
+    for r in rows {
+        let (p, a) = tok.prompt_and_response(&r.prompt, &r.response)?;
+        prompts.push(p);
+        responses.push(a);
+    }
+    let k = key("demonstrations-masked", tok, &[&prompts, &responses]);
     cache.get_or_make(&k, || {
+        let prompt_ids = encode(tok, prompts.clone())?;
+        let response_ids = encode(tok, responses.clone())?;
+        let mut tokens = Vec::with_capacity(rows.len());
+        let mut trained = Vec::with_capacity(rows.len());
+        for ((r, p), a) in rows.iter().zip(prompt_ids).zip(response_ids) {
+            if r.prompt.iter().any(|m| m.role == "assistant") {
+                let mut messages = r.prompt.clone();
+                messages.push(crate::chat::Message::assistant(&r.response));
+                let (ids, mask) = tok.encode_with_mask(&messages)?;
+                tokens.push(ids);
+                trained.push(mask.into_iter().map(u32::from).collect());
+            } else {
+                trained.push(
+                    std::iter::repeat_n(0, p.len())
+                        .chain(std::iter::repeat_n(1, a.len()))
+                        .collect(),
+                );
+                tokens.push([p, a].concat());
+            }
+        }
         Ok(TokenTable {
-            groups: (0..prompts.len() as u64).collect(),
-            columns: vec![
-                ("prompt".into(), encode(tok, prompts)?),
-                ("response".into(), encode(tok, responses)?),
-            ],
+            groups: (0..rows.len() as u64).collect(),
+            columns: vec![("tokens".into(), tokens), ("trained".into(), trained)],
         })
     })
 }

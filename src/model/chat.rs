@@ -6,17 +6,15 @@ use std::path::Path;
 use super::checkpoint::{self, CheckpointError};
 use super::generate::{generate, SampleSettings};
 use super::Dev;
-use crate::data::chat::{self, END_OF_TURN, PAD};
-use crate::data::formats::Message;
-use crate::data::tokenize::{self, LoadedTokenizer};
-use crate::data::DataError;
+use crate::chat::tokenizer::{load_folder, TemplateChoice};
+use crate::chat::{LoadedTokenizer, Message};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
-    Data(#[from] DataError),
+    Chat(#[from] crate::chat::ChatError),
     #[error("cannot encode or decode text: {0}")]
     Tokenizer(String),
 }
@@ -27,8 +25,8 @@ pub struct ChatModel {
     tokenizer: LoadedTokenizer,
 }
 
-/// One answer and whether it ended with the end-of-turn token (rather
-/// than running into `max_new_tokens`).
+/// One answer and whether it ended with a stop token (rather than
+/// running into `max_new_tokens`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
     pub text: String,
@@ -37,10 +35,16 @@ pub struct Answer {
 }
 
 impl ChatModel {
-    pub fn load(dir: &Path) -> Result<ChatModel, ChatError> {
+    /// A model folder with the chat template `choice` picks.
+    pub fn load(dir: &Path, choice: &TemplateChoice) -> Result<ChatModel, ChatError> {
         let params = checkpoint::load(dir, &Dev::default())?;
-        let tokenizer = tokenize::load_tokenizer(&dir.join("tokenizer.json"))?;
+        let tokenizer = load_folder(dir, choice)?;
         Ok(ChatModel { params, tokenizer })
+    }
+
+    /// Which template renders the prompts.
+    pub fn template_name(&self) -> String {
+        self.tokenizer.template_name()
     }
 
     /// Answer each prompt (one user turn each), batched.
@@ -50,35 +54,34 @@ impl ChatModel {
         s: &SampleSettings,
         seed: u64,
     ) -> Result<Vec<Answer>, ChatError> {
-        let tok = &self.tokenizer.tokenizer;
-        let id = |t: &str| tok.token_to_id(t).expect("checked when loaded") as usize;
+        let tok = &self.tokenizer;
         let encoded: Vec<Vec<usize>> = prompts
             .iter()
             .map(|p| {
-                let text = chat::render_prompt(&[Message::user(p)]);
-                tok.encode(text, false)
-                    .map(|e| e.get_ids().iter().map(|i| *i as usize).collect())
-                    .map_err(|e| ChatError::Tokenizer(e.to_string()))
+                let text = tok.render_prompt(&[Message::user(p)])?;
+                Ok(tok.encode(&text)?.into_iter().map(|i| i as usize).collect())
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, crate::chat::ChatError>>()?;
+        let stops: Vec<usize> = tok.stops.iter().map(|t| *t as usize).collect();
         let out = generate(
             &self.params,
             &encoded,
-            Some(id(END_OF_TURN)),
-            id(PAD),
+            &stops,
+            tok.pad as usize,
             s,
             seed,
             true,
         );
         out.into_iter()
-            .map(|ids| {
+            .map(|mut ids| {
+                let finished = ids.last().is_some_and(|t| stops.contains(t));
+                if finished {
+                    ids.pop();
+                }
                 let ids32: Vec<u32> = ids.iter().map(|i| *i as u32).collect();
-                let text = tok
-                    .decode(&ids32, false)
-                    .map_err(|e| ChatError::Tokenizer(e.to_string()))?;
                 Ok(Answer {
-                    text,
-                    finished: ids.len() < s.max_new_tokens,
+                    text: tok.decode(&ids32)?,
+                    finished,
                     tokens: ids.len(),
                 })
             })

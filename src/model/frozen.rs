@@ -15,27 +15,39 @@ pub struct FrozenModel {
     params: LlamaParams<f32, Dev>,
 }
 
-/// One sampled answer: its tokens (the stop token excluded) and whether it
-/// ended with the stop token rather than at `max_new_tokens`.
+/// One sampled answer: its tokens (the stop token excluded), whether it
+/// ended with a stop token rather than at `max_new_tokens`, and which.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub ids: Vec<usize>,
     pub finished: bool,
+    pub stop: Option<usize>,
 }
 
 impl Sampled {
-    /// The answer as sampled: its tokens and, when it ended, the stop token.
-    pub fn with_stop(&self, stop: usize) -> Vec<usize> {
-        let mut ids = self.ids.clone();
-        if self.finished {
-            ids.push(stop);
+    /// From a continuation as [`generate`] returns it (stop token last).
+    pub fn from_generated(mut ids: Vec<usize>, stops: &[usize]) -> Sampled {
+        let stop = ids.last().copied().filter(|t| stops.contains(t));
+        if stop.is_some() {
+            ids.pop();
         }
+        Sampled {
+            ids,
+            finished: stop.is_some(),
+            stop,
+        }
+    }
+
+    /// The answer as sampled: its tokens and, when it ended, the stop token.
+    pub fn with_stop(&self) -> Vec<usize> {
+        let mut ids = self.ids.clone();
+        ids.extend(self.stop);
         ids
     }
 
     /// Prompt + answer as sampled: what a reward model scores.
-    pub fn sequence(&self, prompt: &[usize], stop: usize) -> Vec<usize> {
-        [prompt, self.with_stop(stop).as_slice()].concat()
+    pub fn sequence(&self, prompt: &[usize]) -> Vec<usize> {
+        [prompt, self.with_stop().as_slice()].concat()
     }
 }
 
@@ -58,12 +70,12 @@ impl FrozenModel {
         self.params.score.is_some()
     }
 
-    /// Sample one continuation of each prompt (stop token excluded), in
-    /// batches of `batch` prompts.
+    /// Sample one continuation of each prompt (the stop token that ended
+    /// it last), in batches of `batch` prompts.
     pub fn generate(
         &self,
         prompts: &[Vec<usize>],
-        stop: usize,
+        stops: &[usize],
         pad: usize,
         s: &SampleSettings,
         seed: u64,
@@ -73,7 +85,7 @@ impl FrozenModel {
             generate(
                 &self.params,
                 chunk,
-                Some(stop),
+                stops,
                 pad,
                 s,
                 batch_seed(seed, i),
@@ -89,7 +101,7 @@ impl FrozenModel {
         &self,
         prompts: &[Vec<usize>],
         k: usize,
-        stop: usize,
+        stops: &[usize],
         pad: usize,
         s: &SampleSettings,
         seed: u64,
@@ -99,12 +111,9 @@ impl FrozenModel {
             .iter()
             .flat_map(|p| std::iter::repeat_n(p.clone(), k))
             .collect();
-        self.generate(&repeated, stop, pad, s, seed, batch)
+        self.generate(&repeated, stops, pad, s, seed, batch)
             .into_iter()
-            .map(|ids| Sampled {
-                finished: ids.len() < s.max_new_tokens,
-                ids,
-            })
+            .map(|ids| Sampled::from_generated(ids, stops))
             .collect()
     }
 

@@ -135,13 +135,14 @@ pub fn sample_token(logits: &[f32], s: &SampleSettings, rng: &mut Rng) -> usize 
     *order.last().expect("at least one token")
 }
 
-/// Continue each prompt until `stop` (not included) or `max_new_tokens`.
-/// With `use_cache = false` every step recomputes the whole sequence (the
+/// Continue each prompt until one of `stops` (included at the end, so the
+/// answer is as sampled) or `max_new_tokens` other tokens. With
+/// `use_cache = false` every step recomputes the whole sequence (the
 /// reference the cache is tested against).
 pub fn generate(
     params: &LlamaParams<f32, Dev>,
     prompts: &[Vec<usize>],
-    stop: Option<usize>,
+    stops: &[usize],
     pad: usize,
     s: &SampleSettings,
     seed: u64,
@@ -196,13 +197,15 @@ pub fn generate(
     };
     let mut out = vec![Vec::new(); b];
     let mut done = vec![false; b];
+    let mut ended: Vec<Option<usize>> = vec![None; b];
     for _ in 0..s.max_new_tokens {
         let mut new_ids = Vec::with_capacity(b);
         for r in 0..b {
             if !done[r] {
                 let t = sample_token(&last[r], s, &mut rng);
-                if Some(t) == stop {
+                if stops.contains(&t) {
                     done[r] = true;
+                    ended[r] = Some(t);
                 } else {
                     out[r].push(t);
                 }
@@ -230,6 +233,9 @@ pub fn generate(
         for r in 0..b {
             next_pos[r] += usize::from(!done[r]);
         }
+    }
+    for (o, e) in out.iter_mut().zip(ended) {
+        o.extend(e);
     }
     out
 }
@@ -260,12 +266,12 @@ mod tests {
             max_new_tokens: 12,
             ..SampleSettings::default()
         };
-        let cached = generate(&p, &prompts, Some(22), 0, &greedy, 0, true);
-        let full = generate(&p, &prompts, Some(22), 0, &greedy, 0, false);
+        let cached = generate(&p, &prompts, &[22], 0, &greedy, 0, true);
+        let full = generate(&p, &prompts, &[22], 0, &greedy, 0, false);
         assert_eq!(cached, full);
         assert!(cached.iter().any(|o| o.len() > 3), "{cached:?}");
         // Alone or in a batch: the same continuation.
-        let alone = generate(&p, &prompts[1..2], Some(22), 0, &greedy, 0, true);
+        let alone = generate(&p, &prompts[1..2], &[22], 0, &greedy, 0, true);
         assert_eq!(alone[0], cached[1]);
     }
 
@@ -279,8 +285,8 @@ mod tests {
             max_new_tokens: 10,
             ..SampleSettings::default()
         };
-        let a = generate(&p, &prompts, None, 0, &s, 7, true);
-        assert_eq!(a, generate(&p, &prompts, None, 0, &s, 7, true));
+        let a = generate(&p, &prompts, &[], 0, &s, 7, true);
+        assert_eq!(a, generate(&p, &prompts, &[], 0, &s, 7, true));
         let mut rng = Rng::new(1);
         let logits = [0.0, 5.0, 4.0, 1.0];
         for _ in 0..200 {

@@ -1,7 +1,9 @@
-//! The Llama decoder's forward pass in dfdx, as Hugging Face's
-//! `LlamaForCausalLM` computes it: token embedding; per layer RMSNorm ->
-//! grouped-query causal self-attention with rotary embeddings (the
-//! `rotate_half` convention: the two halves of each head) -> residual ->
+//! The Llama-family decoder's forward pass in dfdx, as Hugging Face's
+//! `LlamaForCausalLM` (and its relatives Mistral, Qwen2, Qwen3: biases and
+//! per-head q/k norms switched by the config) computes it: token
+//! embedding; per layer RMSNorm -> grouped-query causal self-attention
+//! with rotary embeddings (the `rotate_half` convention: the two halves of
+//! each head; frequencies by the config's RoPE type) -> residual ->
 //! RMSNorm -> SwiGLU MLP -> residual; final RMSNorm; LM head. Padding is
 //! masked out of the keys, and positions count real tokens only, so left
 //! and right padding give the same numbers as the unpadded sequence.
@@ -129,9 +131,7 @@ impl<E: Dtype + From<f32>, D: Device<E>> Rope<E, D> {
         let cfg = &params.config;
         let hd = cfg.head_dim();
         let half = hd / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| cfg.rope_theta.powf(-(2.0 * i as f64) / hd as f64))
-            .collect();
+        let inv_freq = cfg.rope.inv_freq(hd);
         let (mut cos, mut sin) = (
             Vec::with_capacity(b * sq * hd),
             Vec::with_capacity(b * sq * hd),
@@ -169,6 +169,42 @@ pub(crate) fn linear<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
     x.matmul(w.retaped::<T>().permute::<_, Axes2<1, 0>>())
 }
 
+/// x @ w^T + b for a bias b (1, N) when the layer has one.
+pub(crate) fn linear_bias<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+    x: T3<E, D, T>,
+    w: &Matrix<E, D>,
+    b: Option<&Matrix<E, D>>,
+) -> T3<E, D, T> {
+    let y = linear(x, w);
+    match b {
+        None => y,
+        Some(b) => {
+            let shape = *y.shape();
+            let b = b
+                .retaped::<T>()
+                .reshape_like(&(shape.2,))
+                .broadcast_like::<_, Axes2<0, 1>>(&shape);
+            y + b
+        }
+    }
+}
+
+/// Qwen3's RMSNorm over each head of q or k (B, S, heads, hd), before RoPE.
+fn head_norm<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<(usize, usize, usize, usize), E, D, T>,
+    w: Option<&Matrix<E, D>>,
+    eps: f64,
+) -> Tensor<(usize, usize, usize, usize), E, D, T> {
+    match w {
+        None => x,
+        Some(w) => {
+            let shape = *x.shape();
+            let (b, s, n, hd) = shape;
+            D::rms_norm(x.reshape_like(&(b, s * n, hd)), w, eps).reshape_like(&shape)
+        }
+    }
+}
+
 /// Queries, keys and values of a layer with rotary embeddings applied,
 /// laid out (B, S, heads, hd) and (B, S, kv_heads, hd).
 pub(crate) type Qkv<E, D, T> = (
@@ -190,9 +226,14 @@ pub(crate) fn project_qkv<
     let cfg = &params.config;
     let (b, s, _) = *x.shape();
     let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-    let q = linear(x.retaped::<T>(), &layer.q_proj).reshape_like(&(b, s, nh, hd));
-    let k = linear(x.retaped::<T>(), &layer.k_proj).reshape_like(&(b, s, nkv, hd));
-    let v = linear(x, &layer.v_proj).reshape_like(&(b, s, nkv, hd));
+    let eps = cfg.rms_norm_eps;
+    let q = linear_bias(x.retaped::<T>(), &layer.q_proj, layer.q_bias.as_ref())
+        .reshape_like(&(b, s, nh, hd));
+    let k = linear_bias(x.retaped::<T>(), &layer.k_proj, layer.k_bias.as_ref())
+        .reshape_like(&(b, s, nkv, hd));
+    let v = linear_bias(x, &layer.v_proj, layer.v_bias.as_ref()).reshape_like(&(b, s, nkv, hd));
+    let q = head_norm(q, layer.q_norm.as_ref(), eps);
+    let k = head_norm(k, layer.k_norm.as_ref(), eps);
     (D::rope(q, c), D::rope(k, c), v)
 }
 
@@ -232,7 +273,7 @@ pub(crate) fn attend<
         .reshape_like(&(b, nh, sq, hd))
         .permute::<_, Axes4<0, 2, 1, 3>>()
         .reshape_like(&(b, sq, nh * hd));
-    linear(out, &layer.o_proj)
+    linear_bias(out, &layer.o_proj, layer.o_bias.as_ref())
 }
 
 fn attention<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
@@ -248,9 +289,13 @@ pub(crate) fn mlp<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>
     x: T3<E, D, T>,
     layer: &Layer<E, D>,
 ) -> T3<E, D, T> {
-    let gate = linear(x.retaped::<T>(), &layer.gate_proj);
-    let up = linear(x, &layer.up_proj);
-    linear(D::swiglu(gate, up), &layer.down_proj)
+    let gate = linear_bias(x.retaped::<T>(), &layer.gate_proj, layer.gate_bias.as_ref());
+    let up = linear_bias(x, &layer.up_proj, layer.up_bias.as_ref());
+    linear_bias(
+        D::swiglu(gate, up),
+        &layer.down_proj,
+        layer.down_bias.as_ref(),
+    )
 }
 
 /// The final hidden states (after the last RMSNorm): (B, S, H).
@@ -366,20 +411,42 @@ mod tests {
 
     type P = LlamaParams<f64, Cpu>;
 
-    fn model(tied: bool) -> P {
+    fn config(tied: bool) -> LlamaConfig {
         let mut cfg = LlamaConfig::tiny(11, 8, 2, 4, 2);
         cfg.intermediate_size = 12;
         cfg.tie_word_embeddings = tied;
+        cfg
+    }
+
+    fn model(tied: bool) -> P {
+        model_of(&config(tied))
+    }
+
+    fn model_of(cfg: &LlamaConfig) -> P {
+        model_scaled(cfg, 1.0)
+    }
+
+    /// Weights `scale` times the 0.02 init: larger scores, so a bias on
+    /// queries (which only shifts scores by its dot product with the keys'
+    /// differences) gets a gradient well above the check's floor.
+    fn model_scaled(cfg: &LlamaConfig, scale: f64) -> P {
         let dev = Cpu::default();
-        let mut p = P::init(&cfg, true, 3, &dev);
-        // Norm weights away from 1 so their gradients are exercised.
+        let mut p = P::init(cfg, true, 3, &dev);
         for (name, t) in p.named_mut() {
-            if super::super::params::is_norm(&name) {
+            if !super::super::params::is_vector(&name) {
+                let v: Vec<f64> = t.as_vec().iter().map(|x| x * scale).collect();
+                t.copy_from(&v);
+            }
+        }
+        // Norm weights away from 1 and biases away from 0 so their
+        // gradients are exercised.
+        for (name, t) in p.named_mut() {
+            if super::super::params::is_vector(&name) {
                 let v: Vec<f64> = t
                     .as_vec()
                     .iter()
                     .enumerate()
-                    .map(|(i, x)| x + 0.1 * (i % 3) as f64)
+                    .map(|(i, x)| x + 0.1 * (i % 3) as f64 - 0.05)
                     .collect();
                 t.copy_from(&v);
             }
@@ -423,7 +490,15 @@ mod tests {
     }
 
     fn check_gradients(tied: bool) {
-        let p = model(tied);
+        check_gradients_of(&config(tied));
+    }
+
+    fn check_gradients_of(cfg: &LlamaConfig) {
+        check_gradients_scaled(cfg, 1.0);
+    }
+
+    fn check_gradients_scaled(cfg: &LlamaConfig, scale: f64) {
+        let p = model_scaled(cfg, scale);
         let b = batch();
         let tape: OwnedTape<f64, Cpu> = Default::default();
         let l = loss(&p, &b, tape);
@@ -470,6 +545,47 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences_tied() {
         check_gradients(true);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_llama_biases_and_llama3_rope() {
+        let mut cfg = config(false);
+        cfg.attention_bias = true;
+        cfg.mlp_bias = true;
+        cfg.rope = crate::model::config::RopeParameters {
+            rope_theta: 100.0,
+            rope_type: crate::model::config::RopeType::Llama3 {
+                factor: 4.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 2.0,
+                original_max_position_embeddings: 8.0,
+            },
+        };
+        check_gradients_scaled(&cfg, 10.0);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_qwen2_qkv_biases() {
+        let mut cfg = config(true);
+        cfg.architecture = crate::model::config::Architecture::Qwen2;
+        let p = model_of(&cfg);
+        assert!(p.layers[0].q_bias.is_some() && p.layers[0].o_bias.is_none());
+        check_gradients_scaled(&cfg, 10.0);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_qwen3_qk_norm_and_head_dim() {
+        let mut cfg = config(false);
+        cfg.architecture = crate::model::config::Architecture::Qwen3;
+        // Wider heads than hidden / heads, as Qwen3 has.
+        cfg.head_dim = Some(4);
+        cfg.rope = crate::model::config::RopeParameters {
+            rope_theta: 50.0,
+            rope_type: crate::model::config::RopeType::Linear { factor: 2.0 },
+        };
+        let p = model_of(&cfg);
+        assert!(p.layers[0].q_norm.is_some() && p.layers[0].q_bias.is_none());
+        check_gradients_scaled(&cfg, 10.0);
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod frozen;
 pub mod generate;
+pub mod gguf_checkpoint;
 pub mod kernels;
 pub mod llama;
 pub mod params;

@@ -26,7 +26,8 @@ use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::model_files::{
-    decode, end_id, load_reward_model, pad_id, upstream_tokenizer, validate_sampling,
+    chat_template_input, decode, load_reward_model, pad_id, stop_ids, upstream_tokenizer,
+    validate_chat_template, validate_sampling,
 };
 use super::token_data::load_prompts;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
@@ -40,6 +41,14 @@ pub const BEST_FILE: &str = "best_of_n.parquet";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BestOfNSettings {
+    /// Chat template: "model" (the model's own when it has one, else
+    /// posttrain's; the default), "posttrain", or a `.jinja` file.
+    #[serde(
+        default,
+        deserialize_with = "super::model_files::chat_template_setting",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub chat_template: Option<String>,
     /// The model that samples. Required.
     pub policy: StageRef,
     /// The reward stage that picks. Required.
@@ -71,14 +80,19 @@ impl StageKind for BestOfNSettings {
     const SUMMARY: &'static str = "sample n answers per prompt, keep the reward model's favourite";
 
     fn inputs(&self) -> Vec<Input> {
-        vec![
-            Input::stage("policy", &self.policy),
-            Input::stage("reward_model", &self.reward_model),
-            Input::data("prompts", &self.prompts),
-        ]
+        let mut all = {
+            vec![
+                Input::stage("policy", &self.policy),
+                Input::stage("reward_model", &self.reward_model),
+                Input::data("prompts", &self.prompts),
+            ]
+        };
+        all.extend(chat_template_input(self.chat_template.as_deref()));
+        all
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        validate_chat_template(self.chat_template.as_deref())?;
         if self.n.is_empty() || self.n.contains(&0) {
             return Err((
                 "n".into(),
@@ -100,9 +114,9 @@ impl StageKind for BestOfNSettings {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
-        let (tok, _) = upstream_tokenizer(ctx, &self.policy)?;
+        let (tok, _) = upstream_tokenizer(ctx, &self.policy, self.chat_template.as_deref())?;
         let pad = pad_id(&tok);
-        let end = end_id(&tok);
+        let stops = stop_ids(&tok);
         let prompts = load_prompts(ctx, &self.prompts, &tok)?;
         let policy = FrozenModel::load(ctx.stage_dir(&self.policy)?)?;
         let rm = load_reward_model(ctx, "reward_model", &self.reward_model)?;
@@ -114,7 +128,7 @@ impl StageKind for BestOfNSettings {
         let sampled = policy.sample(
             &prompts.ids,
             max_n,
-            end,
+            &stops,
             pad,
             &self.sampling,
             ctx.seed,
@@ -124,7 +138,7 @@ impl StageKind for BestOfNSettings {
         let sequences: Vec<Vec<usize>> = sampled
             .iter()
             .enumerate()
-            .map(|(k, a)| a.sequence(&prompts.ids[k / max_n], end))
+            .map(|(k, a)| a.sequence(&prompts.ids[k / max_n]))
             .collect();
         let rewards = rm.scores(&sequences, pad, self.batch_size);
         let texts = sampled
@@ -252,8 +266,13 @@ pub struct Pick {
 }
 
 /// The picks of a `best_of_n.parquet` by (rendered prompt, n), in file
-/// order for a prompt listed more than once.
-pub fn read_best(df: &DataFrame, path: &Path) -> Result<super::eval::Picks, StageError> {
+/// order for a prompt listed more than once. A finished answer ended with
+/// `stop` (the tokenizer's end-of-turn token).
+pub fn read_best(
+    df: &DataFrame,
+    path: &Path,
+    stop: usize,
+) -> Result<super::eval::Picks, StageError> {
     let bad = |e: PolarsError| {
         StageError::Failed(format!("{}: not a best_of_n output: {e}", path.display()))
     };
@@ -300,7 +319,11 @@ pub fn read_best(df: &DataFrame, path: &Path) -> Result<super::eval::Picks, Stag
         };
         picks.entry((prompt, n)).or_default().push_back(Pick {
             response,
-            answer: Sampled { ids, finished },
+            answer: Sampled {
+                ids,
+                finished,
+                stop: finished.then_some(stop),
+            },
         });
     }
     Ok(picks)

@@ -86,6 +86,8 @@ pub enum StageError {
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
     #[error(transparent)]
+    Chat(#[from] crate::chat::ChatError),
+    #[error(transparent)]
     Train(#[from] crate::train::TrainError),
     #[error(transparent)]
     Checkpoint(#[from] crate::model::CheckpointError),

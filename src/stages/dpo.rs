@@ -19,7 +19,8 @@ use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::model_files::{
-    copy_tokenizer, finetune_inputs, model_outputs, pad_id, upstream_tokenizer, validate_finetune,
+    chat_template_input, copy_tokenizer, finetune_inputs, model_outputs, pad_id,
+    upstream_tokenizer, validate_chat_template, validate_finetune,
 };
 use super::token_data::load_pairs;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
@@ -31,6 +32,14 @@ use crate::train::preference::DpoLoss;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DpoSettings {
+    /// Chat template: "model" (the model's own when it has one, else
+    /// posttrain's; the default), "posttrain", or a `.jinja` file.
+    #[serde(
+        default,
+        deserialize_with = "super::model_files::chat_template_setting",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub chat_template: Option<String>,
     /// The policy's starting model. Required.
     pub from: StageRef,
     /// The frozen reference model. Default: the `from` stage.
@@ -78,16 +87,21 @@ impl StageKind for DpoSettings {
     const SUMMARY: &'static str = "direct preference optimisation against a frozen reference";
 
     fn inputs(&self) -> Vec<Input> {
-        let mut inputs = finetune_inputs(&self.from, &self.data, self.eval_data.as_ref());
-        inputs.extend(
-            self.reference
-                .as_ref()
-                .map(|r| Input::stage("reference", r)),
-        );
-        inputs
+        let mut all = {
+            let mut inputs = finetune_inputs(&self.from, &self.data, self.eval_data.as_ref());
+            inputs.extend(
+                self.reference
+                    .as_ref()
+                    .map(|r| Input::stage("reference", r)),
+            );
+            inputs
+        };
+        all.extend(chat_template_input(self.chat_template.as_deref()));
+        all
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        validate_chat_template(self.chat_template.as_deref())?;
         if !(self.beta > 0.0 && self.beta.is_finite()) {
             return Err((
                 "beta".into(),
@@ -116,7 +130,7 @@ impl StageKind for DpoSettings {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
-        let (tok, tok_path) = upstream_tokenizer(ctx, &self.from)?;
+        let (tok, tok_path) = upstream_tokenizer(ctx, &self.from, self.chat_template.as_deref())?;
         let mut cache = TokenCache::new(ctx.cache_dir.join("tokens"));
         ctx.progress.set_message("tokenizing");
         let pairs = load_pairs(ctx, &self.data, &tok, &mut cache, self.max_len)?.pairs;
@@ -159,7 +173,7 @@ impl StageKind for DpoSettings {
             ctx.out_dir,
             ctx.progress,
         )?;
-        copy_tokenizer(&tok_path, ctx.out_dir)?;
+        copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;
         metrics.insert("pairs".into(), pairs.len() as f64);
         metrics.insert("reference_cache_hit".into(), f64::from(u8::from(hit)));
         Ok(metrics)

@@ -30,7 +30,8 @@ use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::model_files::{
-    decode, end_id, load_reward_model, load_world, pad_id, upstream_tokenizer,
+    chat_template_input, decode, load_reward_model, load_world, pad_id, stop_ids,
+    upstream_tokenizer, validate_chat_template,
 };
 use super::token_data::{load_demonstrations, load_pairs, load_prompts, Prompts};
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
@@ -45,6 +46,14 @@ use crate::results::stats::{self, Estimate};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSettings {
+    /// Chat template: "model" (the model's own when it has one, else
+    /// posttrain's; the default), "posttrain", or a `.jinja` file.
+    #[serde(
+        default,
+        deserialize_with = "super::model_files::chat_template_setting",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub chat_template: Option<String>,
     /// Model stages or best_of_n stages to evaluate. Required, at least one.
     pub policies: Vec<StageRef>,
     /// The model KL is measured against. Default: the first policy that is
@@ -156,30 +165,35 @@ impl StageKind for EvalSettings {
         "policies on held-out prompts: gold and reward scores, KL, win rate, perplexity";
 
     fn inputs(&self) -> Vec<Input> {
-        let mut inputs = Input::stages("policies", &self.policies);
-        for (field, r) in [
-            ("reference", &self.reference),
-            ("baseline", &self.baseline),
-            ("reward_model", &self.reward_model),
-            ("gold", &self.gold),
-        ] {
-            inputs.extend(r.as_ref().map(|r| Input::stage(field, r)));
-        }
-        inputs.push(Input::data("prompts", &self.prompts));
-        inputs.extend(
-            self.demonstrations
-                .as_ref()
-                .map(|d| Input::data("demonstrations", d)),
-        );
-        inputs.extend(
-            self.comparisons
-                .as_ref()
-                .map(|d| Input::data("comparisons", d)),
-        );
-        inputs
+        let mut all = {
+            let mut inputs = Input::stages("policies", &self.policies);
+            for (field, r) in [
+                ("reference", &self.reference),
+                ("baseline", &self.baseline),
+                ("reward_model", &self.reward_model),
+                ("gold", &self.gold),
+            ] {
+                inputs.extend(r.as_ref().map(|r| Input::stage(field, r)));
+            }
+            inputs.push(Input::data("prompts", &self.prompts));
+            inputs.extend(
+                self.demonstrations
+                    .as_ref()
+                    .map(|d| Input::data("demonstrations", d)),
+            );
+            inputs.extend(
+                self.comparisons
+                    .as_ref()
+                    .map(|d| Input::data("comparisons", d)),
+            );
+            inputs
+        };
+        all.extend(chat_template_input(self.chat_template.as_deref()));
+        all
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        validate_chat_template(self.chat_template.as_deref())?;
         if self.policies.is_empty() {
             return Err(("policies".into(), "name at least one stage".into()));
         }
@@ -248,7 +262,7 @@ struct Evaluation<'a> {
     ctx: &'a StageContext<'a>,
     tok: LoadedTokenizer,
     pad: usize,
-    end: usize,
+    stops: Vec<usize>,
     prompts: Prompts,
     world: Option<World>,
     reference: FrozenModel,
@@ -278,9 +292,9 @@ impl<'a> Evaluation<'a> {
                 )
             })?,
         };
-        let (tok, _) = upstream_tokenizer(ctx, reference_ref)?;
+        let (tok, _) = upstream_tokenizer(ctx, reference_ref, s.chat_template.as_deref())?;
         let pad = pad_id(&tok);
-        let end = end_id(&tok);
+        let stops = stop_ids(&tok);
         let prompts = load_prompts(ctx, &s.prompts, &tok)?;
         let world = match &s.gold {
             Some(g) => Some(load_world(ctx, "gold", g)?),
@@ -296,7 +310,7 @@ impl<'a> Evaluation<'a> {
             ctx,
             tok,
             pad,
-            end,
+            stops,
             prompts,
             world,
             reference,
@@ -374,14 +388,17 @@ impl<'a> Evaluation<'a> {
         let answers = model.sample(
             &self.prompts.ids,
             1,
-            self.end,
+            &self.stops,
             self.pad,
             &s.sampling,
             self.ctx.seed,
             s.batch_size,
         );
         // What was sampled: the response and, when it ended, the end token.
-        let sampled: Vec<Vec<usize>> = answers.iter().map(|a| a.with_stop(self.end)).collect();
+        let sampled: Vec<Vec<usize>> = answers
+            .iter()
+            .map(crate::model::frozen::Sampled::with_stop)
+            .collect();
         let pairs: Vec<(&[usize], &[usize])> = self
             .prompts
             .ids
@@ -445,7 +462,7 @@ impl<'a> Evaluation<'a> {
     fn best_of_n_answers(&self, policy: &StageRef, dir: &Path) -> Result<Vec<Answers>, StageError> {
         let path = dir.join(super::best_of_n::BEST_FILE);
         let df = crate::data::read_parquet(&path)?;
-        let mut picks = super::best_of_n::read_best(&df, &path)?;
+        let mut picks = super::best_of_n::read_best(&df, &path, self.stops[0])?;
         let mut ns: Vec<usize> = picks.keys().map(|(_, n)| *n).collect();
         ns.sort_unstable();
         ns.dedup();
@@ -467,7 +484,7 @@ impl<'a> Evaluation<'a> {
                         ))
                     })?;
                 // Scored as sampled: the picked token ids, not re-encoded text.
-                sequences.push(pick.answer.sequence(ids, self.end));
+                sequences.push(pick.answer.sequence(ids));
                 texts.push(pick.response);
                 tokens.push(pick.answer.ids.len());
                 finished.push(pick.answer.finished);

@@ -25,7 +25,8 @@ use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::model_files::{
-    decode, end_id, load_world, pad_id, upstream_tokenizer, validate_sampling,
+    chat_template_input, decode, load_world, pad_id, stop_ids, upstream_tokenizer,
+    validate_chat_template, validate_sampling,
 };
 use super::token_data::load_prompts;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
@@ -40,6 +41,14 @@ pub const OUTPUT: &str = "comparisons.parquet";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabelSettings {
+    /// Chat template: "model" (the model's own when it has one, else
+    /// posttrain's; the default), "posttrain", or a `.jinja` file.
+    #[serde(
+        default,
+        deserialize_with = "super::model_files::chat_template_setting",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub chat_template: Option<String>,
     /// The model whose answers are labeled. Required.
     pub policy: StageRef,
     /// A `synth` stage: its world's gold labeler labels. Required.
@@ -85,16 +94,21 @@ impl StageKind for LabelSettings {
         "gold-label comparisons of a policy's own answers (preference data collection)";
 
     fn inputs(&self) -> Vec<Input> {
-        let mut inputs = vec![
-            Input::stage("policy", &self.policy),
-            Input::stage("gold", &self.gold),
-            Input::data("prompts", &self.prompts),
-        ];
-        inputs.extend(self.extra.as_ref().map(|e| Input::data("extra", e)));
-        inputs
+        let mut all = {
+            let mut inputs = vec![
+                Input::stage("policy", &self.policy),
+                Input::stage("gold", &self.gold),
+                Input::data("prompts", &self.prompts),
+            ];
+            inputs.extend(self.extra.as_ref().map(|e| Input::data("extra", e)));
+            inputs
+        };
+        all.extend(chat_template_input(self.chat_template.as_deref()));
+        all
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        validate_chat_template(self.chat_template.as_deref())?;
         if self.samples < 2 {
             return Err((
                 "samples".into(),
@@ -120,9 +134,9 @@ impl StageKind for LabelSettings {
     fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
         let world = load_world(ctx, "gold", &self.gold)?;
         let gold = GoldLabeler::new(&world);
-        let (tok, _) = upstream_tokenizer(ctx, &self.policy)?;
+        let (tok, _) = upstream_tokenizer(ctx, &self.policy, self.chat_template.as_deref())?;
         let pad = pad_id(&tok);
-        let end = end_id(&tok);
+        let stops = stop_ids(&tok);
         let prompts = load_prompts(ctx, &self.prompts, &tok)?;
         let policy = FrozenModel::load(ctx.stage_dir(&self.policy)?)?;
         let k = self.samples;
@@ -130,7 +144,7 @@ impl StageKind for LabelSettings {
         let answers = policy.sample(
             &prompts.ids,
             k,
-            end,
+            &stops,
             pad,
             &self.sampling,
             ctx.seed,

@@ -4,10 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use super::{DataSource, Input, StageContext, StageError, StageRef};
-use crate::data::tokenize::{self, LoadedTokenizer};
+use crate::chat::tokenizer::{self as chat_tokenizer, FolderFormat, Template, TemplateChoice};
+use crate::chat::LoadedTokenizer;
 use crate::train::optim::TrainSettings;
 
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub use crate::chat::tokenizer::TOKENIZER_FILE;
 
 /// Files of a model stage's output.
 pub fn model_outputs() -> Vec<String> {
@@ -22,40 +23,82 @@ pub fn model_outputs() -> Vec<String> {
     .collect()
 }
 
-/// The tokenizer of an upstream stage (a tokenizer or a model stage).
+/// The tokenizer of an upstream stage (a tokenizer or a model stage) with
+/// the chat template a stage's `chat_template` setting picks; returns the
+/// upstream folder too.
 pub fn upstream_tokenizer(
     ctx: &StageContext,
     stage: &StageRef,
+    chat_template: Option<&str>,
 ) -> Result<(LoadedTokenizer, PathBuf), StageError> {
-    let path = ctx.stage_dir(stage)?.join(TOKENIZER_FILE);
-    if !path.exists() {
+    let dir = ctx.stage_dir(stage)?;
+    if !dir.join(TOKENIZER_FILE).exists() {
         return Err(StageError::Failed(format!(
             "stage `{}` has no {TOKENIZER_FILE}: name a tokenizer stage or a model stage",
             stage.name()
         )));
     }
-    Ok((tokenize::load_tokenizer(&path)?, path))
+    let choice = TemplateChoice::parse(chat_template, ctx.root).map_err(StageError::Failed)?;
+    Ok((
+        chat_tokenizer::load_folder(dir, &choice)?,
+        dir.to_path_buf(),
+    ))
 }
 
-/// Copy the tokenizer into a model folder, so the folder is complete.
-pub fn copy_tokenizer(from: &Path, out_dir: &Path) -> Result<(), StageError> {
+/// Copy the tokenizer into a model folder with the chat format the stage
+/// used (the template, its special tokens, the stop ids), so the folder is
+/// complete and downstream stages render conversations the same way.
+pub fn copy_tokenizer(
+    tok: &LoadedTokenizer,
+    upstream: &Path,
+    out_dir: &Path,
+) -> Result<(), StageError> {
     let to = out_dir.join(TOKENIZER_FILE);
-    std::fs::copy(from, &to).map_err(StageError::io(&to))?;
+    let from = upstream.join(TOKENIZER_FILE);
+    std::fs::copy(&from, &to).map_err(StageError::io(&to))?;
+    let mut format = FolderFormat::read(upstream)?;
+    format.template = match &tok.template {
+        Template::Builtin => None,
+        Template::Jinja(t) => Some((t.source().to_string(), PathBuf::new())),
+    };
+    format.write(out_dir)?;
     Ok(())
+}
+
+/// Reads a `chat_template` setting; "model", the default, reads as absent
+/// so writing the default out never changes a cache key.
+pub fn chat_template_setting<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    let v: Option<String> = serde::Deserialize::deserialize(d)?;
+    Ok(v.filter(|v| v != "model"))
+}
+
+/// The `chat_template` setting's one check before anything runs.
+pub fn validate_chat_template(value: Option<&str>) -> Result<(), (String, String)> {
+    TemplateChoice::parse(value, Path::new(""))
+        .map(drop)
+        .map_err(|m| ("chat_template".to_string(), m))
+}
+
+/// The `chat_template` setting as an input: a `.jinja` file is hashed by
+/// content like a dataset.
+pub fn chat_template_input(value: Option<&str>) -> Option<Input> {
+    value.filter(|v| v.ends_with(".jinja")).map(|v| Input {
+        field: "chat_template".into(),
+        pointer: "/chat_template".into(),
+        target: super::InputTarget::Path(v.to_string()),
+    })
 }
 
 /// The id of the padding token.
 pub fn pad_id(tok: &LoadedTokenizer) -> usize {
-    tok.tokenizer
-        .token_to_id(crate::data::chat::PAD)
-        .expect("checked when loaded") as usize
+    tok.pad as usize
 }
 
-/// The id of the end-of-turn token, where answers stop.
-pub fn end_id(tok: &LoadedTokenizer) -> usize {
-    tok.tokenizer
-        .token_to_id(crate::data::chat::END_OF_TURN)
-        .expect("checked when loaded") as usize
+/// The ids where answers stop (end of turn, end of sequence).
+pub fn stop_ids(tok: &LoadedTokenizer) -> Vec<usize> {
+    tok.stops.iter().map(|i| *i as usize).collect()
 }
 
 /// An answer's text.

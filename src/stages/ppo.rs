@@ -17,7 +17,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::model_files::{
-    copy_tokenizer, end_id, load_reward_model, model_outputs, pad_id, upstream_tokenizer,
+    chat_template_input, copy_tokenizer, load_reward_model, model_outputs, pad_id, stop_ids,
+    upstream_tokenizer, validate_chat_template,
 };
 use super::token_data::{load_prompts, pack_corpus};
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
@@ -30,6 +31,14 @@ use crate::train::ppo::{self, PpoConfig, PpoModels};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PpoSettings {
+    /// Chat template: "model" (the model's own when it has one, else
+    /// posttrain's; the default), "posttrain", or a `.jinja` file.
+    #[serde(
+        default,
+        deserialize_with = "super::model_files::chat_template_setting",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub chat_template: Option<String>,
     /// The policy's starting model. Required.
     pub from: StageRef,
     /// The frozen reference of the KL penalty. Default: the `from` stage.
@@ -140,21 +149,26 @@ impl StageKind for PpoSettings {
         "RLHF: PPO against a reward model with a KL penalty to a reference";
 
     fn inputs(&self) -> Vec<Input> {
-        let mut inputs = vec![
-            Input::stage("from", &self.from),
-            Input::stage("reward_model", &self.reward_model),
-            Input::data("prompts", &self.prompts),
-        ];
-        inputs.extend(
-            self.reference
-                .as_ref()
-                .map(|r| Input::stage("reference", r)),
-        );
-        inputs.extend(self.ptx_data.as_ref().map(|d| Input::data("ptx_data", d)));
-        inputs
+        let mut all = {
+            let mut inputs = vec![
+                Input::stage("from", &self.from),
+                Input::stage("reward_model", &self.reward_model),
+                Input::data("prompts", &self.prompts),
+            ];
+            inputs.extend(
+                self.reference
+                    .as_ref()
+                    .map(|r| Input::stage("reference", r)),
+            );
+            inputs.extend(self.ptx_data.as_ref().map(|d| Input::data("ptx_data", d)));
+            inputs
+        };
+        all.extend(chat_template_input(self.chat_template.as_deref()));
+        all
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        validate_chat_template(self.chat_template.as_deref())?;
         let positive = [
             ("kl_coef", self.kl_coef, true),
             ("horizon", self.horizon, false),
@@ -217,9 +231,9 @@ impl StageKind for PpoSettings {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
-        let (tok, tok_path) = upstream_tokenizer(ctx, &self.from)?;
+        let (tok, tok_path) = upstream_tokenizer(ctx, &self.from, self.chat_template.as_deref())?;
         let pad = pad_id(&tok);
-        let end = end_id(&tok);
+        let stops = stop_ids(&tok);
         let prompts = load_prompts(ctx, &self.prompts, &tok)?;
         let ptx = match &self.ptx_data {
             Some(source) => {
@@ -256,7 +270,7 @@ impl StageKind for PpoSettings {
             ptx_coef: self.ptx_coef,
             sampling: self.sampling.clone(),
             pad,
-            end,
+            stops,
         };
         let models = PpoModels {
             policy: ctx.stage_dir(&self.from)?,
@@ -273,7 +287,7 @@ impl StageKind for PpoSettings {
             ctx.out_dir,
             ctx.progress,
         )?;
-        copy_tokenizer(&tok_path, ctx.out_dir)?;
+        copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;
         metrics.insert("prompts".into(), prompts.len() as f64);
         Ok(metrics)
     }

@@ -17,6 +17,7 @@ use super::token_data::pack_corpus;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
 use crate::data::tokenize::TokenCache;
 use crate::data::{formats, prepare};
+use crate::model::config::RopeParameters;
 use crate::model::LlamaConfig;
 use crate::train::causal_lm::{self, Init, LmData, LmExamples};
 use crate::train::optim::TrainSettings;
@@ -61,19 +62,18 @@ impl Default for ModelSettings {
 impl ModelSettings {
     pub fn config(&self, vocab_size: usize, max_positions: usize) -> LlamaConfig {
         LlamaConfig {
-            vocab_size,
-            hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
-            num_key_value_heads: Some(self.num_key_value_heads),
             max_position_embeddings: max_positions,
-            rope_theta: self.rope_theta,
+            rope: RopeParameters::theta(self.rope_theta),
             rms_norm_eps: self.rms_norm_eps,
             tie_word_embeddings: self.tie_word_embeddings,
-            architectures: vec!["LlamaForCausalLM".into()],
-            model_type: "llama".into(),
-            reward_offset: None,
+            ..LlamaConfig::tiny(
+                vocab_size,
+                self.hidden_size,
+                self.num_hidden_layers,
+                self.num_attention_heads,
+                self.num_key_value_heads,
+            )
         }
     }
 }
@@ -137,7 +137,7 @@ impl StageKind for PretrainSettings {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
-        let (tok, tok_path) = upstream_tokenizer(ctx, &self.tokenizer)?;
+        let (tok, tok_path) = upstream_tokenizer(ctx, &self.tokenizer, Some("posttrain"))?;
         let (df, path) = ctx.load(&self.corpus)?;
         let docs = formats::load_corpus(&df, &path)?;
         let held_out = prepare::test_mask(docs.len(), self.eval_fraction, ctx.seed);
@@ -178,7 +178,7 @@ impl StageKind for PretrainSettings {
             ctx.out_dir,
             ctx.progress,
         )?;
-        copy_tokenizer(&tok_path, ctx.out_dir)?;
+        copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;
         metrics.insert("unigram_entropy".into(), unigram);
         metrics.insert("train_tokens".into(), train_data.trained_tokens() as f64);
         Ok(metrics)

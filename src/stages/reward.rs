@@ -20,8 +20,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::model_files::{
-    copy_tokenizer, end_id, finetune_inputs, model_outputs, pad_id, upstream_tokenizer,
-    validate_finetune,
+    chat_template_input, copy_tokenizer, finetune_inputs, model_outputs, pad_id, stop_ids,
+    upstream_tokenizer, validate_chat_template, validate_finetune,
 };
 use super::token_data::{load_pairs, load_prompts};
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
@@ -34,6 +34,14 @@ use crate::train::reward;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RewardSettings {
+    /// Chat template: "model" (the model's own when it has one, else
+    /// posttrain's; the default), "posttrain", or a `.jinja` file.
+    #[serde(
+        default,
+        deserialize_with = "super::model_files::chat_template_setting",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub chat_template: Option<String>,
     /// The model whose backbone starts the reward model. Required.
     pub from: StageRef,
     /// Comparisons or rankings. Required.
@@ -80,15 +88,20 @@ impl StageKind for RewardSettings {
     const SUMMARY: &'static str = "train a reward model on comparisons or rankings";
 
     fn inputs(&self) -> Vec<Input> {
-        let mut inputs = finetune_inputs(&self.from, &self.data, self.eval_data.as_ref());
-        if let Some(n) = &self.normalize {
-            inputs.push(Input::stage("normalize.policy", &n.policy));
-            inputs.push(Input::data("normalize.prompts", &n.prompts));
-        }
-        inputs
+        let mut all = {
+            let mut inputs = finetune_inputs(&self.from, &self.data, self.eval_data.as_ref());
+            if let Some(n) = &self.normalize {
+                inputs.push(Input::stage("normalize.policy", &n.policy));
+                inputs.push(Input::data("normalize.prompts", &n.prompts));
+            }
+            inputs
+        };
+        all.extend(chat_template_input(self.chat_template.as_deref()));
+        all
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        validate_chat_template(self.chat_template.as_deref())?;
         if let Some(n) = &self.normalize {
             if n.sampling.max_new_tokens == 0 {
                 return Err((
@@ -105,7 +118,7 @@ impl StageKind for RewardSettings {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
-        let (tok, tok_path) = upstream_tokenizer(ctx, &self.from)?;
+        let (tok, tok_path) = upstream_tokenizer(ctx, &self.from, self.chat_template.as_deref())?;
         let mut cache = TokenCache::new(ctx.cache_dir.join("tokens"));
         ctx.progress.set_message("tokenizing");
         let data = load_pairs(ctx, &self.data, &tok, &mut cache, self.max_len)?;
@@ -123,7 +136,7 @@ impl StageKind for RewardSettings {
             ctx.out_dir,
             ctx.progress,
         )?;
-        copy_tokenizer(&tok_path, ctx.out_dir)?;
+        copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;
         metrics.insert("pairs".into(), data.pairs.len() as f64);
         if let Some(n) = &self.normalize {
             ctx.progress.set_message("normalizing");
@@ -144,15 +157,15 @@ fn normalize(
     tok: &crate::data::tokenize::LoadedTokenizer,
 ) -> Result<(f64, f64), StageError> {
     let pad = pad_id(tok);
-    let end = end_id(tok);
+    let stops = stop_ids(tok);
     let prompts = load_prompts(ctx, &n.prompts, tok)?;
     let policy = FrozenModel::load(ctx.stage_dir(&n.policy)?)?;
-    let answers = policy.sample(&prompts.ids, 1, end, pad, &n.sampling, ctx.seed, BATCH);
+    let answers = policy.sample(&prompts.ids, 1, &stops, pad, &n.sampling, ctx.seed, BATCH);
     let sequences: Vec<Vec<usize>> = prompts
         .ids
         .iter()
         .zip(&answers)
-        .map(|(p, a)| a.sequence(p, end))
+        .map(|(p, a)| a.sequence(p))
         .collect();
     let scores: Vec<f64> = FrozenModel::load(ctx.out_dir)?
         .scores(&sequences, pad, BATCH)

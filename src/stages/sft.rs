@@ -15,7 +15,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::model_files::{
-    copy_tokenizer, finetune_inputs, model_outputs, pad_id, upstream_tokenizer, validate_finetune,
+    chat_template_input, copy_tokenizer, finetune_inputs, model_outputs, pad_id,
+    upstream_tokenizer, validate_chat_template, validate_finetune,
 };
 use super::token_data::load_demonstrations;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
@@ -26,6 +27,14 @@ use crate::train::optim::TrainSettings;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SftSettings {
+    /// Chat template: "model" (the model's own when it has one, else
+    /// posttrain's; the default), "posttrain", or a `.jinja` file.
+    #[serde(
+        default,
+        deserialize_with = "super::model_files::chat_template_setting",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub chat_template: Option<String>,
     /// The model to finetune (a pretrain, load or sft stage). Required.
     pub from: StageRef,
     /// Demonstrations. Required.
@@ -55,10 +64,13 @@ impl StageKind for SftSettings {
     const SUMMARY: &'static str = "finetune a model on demonstrations, loss on responses only";
 
     fn inputs(&self) -> Vec<Input> {
-        finetune_inputs(&self.from, &self.data, self.eval_data.as_ref())
+        let mut all = { finetune_inputs(&self.from, &self.data, self.eval_data.as_ref()) };
+        all.extend(chat_template_input(self.chat_template.as_deref()));
+        all
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
+        validate_chat_template(self.chat_template.as_deref())?;
         validate_finetune(self.max_len, &self.train)
     }
 
@@ -67,7 +79,7 @@ impl StageKind for SftSettings {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
-        let (tok, tok_path) = upstream_tokenizer(ctx, &self.from)?;
+        let (tok, tok_path) = upstream_tokenizer(ctx, &self.from, self.chat_template.as_deref())?;
         let mut cache = TokenCache::new(ctx.cache_dir.join("tokens"));
         ctx.progress.set_message("tokenizing");
         let train_data = load_demonstrations(ctx, &self.data, &tok, &mut cache, self.max_len)?;
@@ -87,7 +99,7 @@ impl StageKind for SftSettings {
             ctx.out_dir,
             ctx.progress,
         )?;
-        copy_tokenizer(&tok_path, ctx.out_dir)?;
+        copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;
         metrics.insert("train_examples".into(), train_data.len() as f64);
         Ok(metrics)
     }

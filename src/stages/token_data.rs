@@ -4,8 +4,8 @@
 //! `max_len`; and prompts ready for generation.
 
 use super::{DataSource, StageContext, StageError};
+use crate::data::formats;
 use crate::data::tokenize::{self, LoadedTokenizer, TokenCache};
-use crate::data::{chat, formats};
 use crate::train::causal_lm::LmExamples;
 use crate::train::dpo::PairExamples;
 use crate::train::reward::RewardPairs;
@@ -59,7 +59,8 @@ pub fn load_pairs(
     Ok(out)
 }
 
-/// Prompt tokens (not trained) then response tokens (trained), cut to `max_len`.
+/// Demonstrations as token ids with the trained ones marked (the
+/// response, or every assistant turn of a conversation), cut to `max_len`.
 pub fn load_demonstrations(
     ctx: &StageContext,
     source: &DataSource,
@@ -71,11 +72,9 @@ pub fn load_demonstrations(
     let rows = formats::load_demonstrations(&df, &path, source.format)?;
     let table = tokenize::demonstrations(tok, &rows, cache)?;
     let mut out = LmExamples::default();
-    for (prompt, response) in table.column("prompt").iter().zip(table.column("response")) {
-        let mut tokens: Vec<u32> = prompt.iter().chain(response).copied().collect();
-        let mut trained: Vec<bool> = std::iter::repeat_n(false, prompt.len())
-            .chain(std::iter::repeat_n(true, response.len()))
-            .collect();
+    for (tokens, trained) in table.column("tokens").iter().zip(table.column("trained")) {
+        let mut tokens = tokens.clone();
+        let mut trained: Vec<bool> = trained.iter().map(|t| *t == 1).collect();
         tokens.truncate(max_len);
         trained.truncate(max_len);
         if trained.iter().any(|t| *t) {
@@ -127,8 +126,8 @@ pub fn load_prompts(
     }
     let rendered: Vec<String> = rows
         .iter()
-        .map(|r| chat::render_prompt(&r.prompt))
-        .collect();
+        .map(|r| tok.render_prompt(&r.prompt))
+        .collect::<Result<_, _>>()?;
     let encodings = tok
         .tokenizer
         .encode_batch(rendered.clone(), false)

@@ -13,7 +13,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind};
-use crate::data::{chat, formats, tokenize};
+use crate::chat::builtin as chat;
+use crate::data::{formats, tokenize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,7 +5,7 @@
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::model::params::{is_norm, LlamaParams, Matrix};
+use crate::model::params::{is_vector, LlamaParams, Matrix};
 
 /// Optimizer and schedule settings (the `train` table of training stages).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,7 +155,7 @@ impl<D: Device<f32>> AdamW<D> {
             let m_hat = self.m[i].clone() * bias1 as f32;
             let v_hat = self.v[i].clone() * bias2 as f32;
             let mut step = m_hat / (v_hat.sqrt() + s.eps as f32);
-            if s.weight_decay > 0.0 && !is_norm(&name) {
+            if s.weight_decay > 0.0 && !is_vector(&name) {
                 step = step + p.clone() * s.weight_decay as f32;
             }
             *p = p.clone() - step * lr as f32;
@@ -226,7 +226,7 @@ mod tests {
         let mut opt = AdamW::new(&p);
         opt.update(&mut p, grads, 0.01, &s, 1.0);
         for ((name, t), old) in p.named().iter().zip(before) {
-            let decay = if is_norm(name) { 0.0 } else { 0.1 };
+            let decay = if is_vector(name) { 0.0 } else { 0.1 };
             for (i, (new, old)) in t.as_vec().iter().zip(old).enumerate() {
                 let sign = if i % 2 == 0 { 1.0 } else { -1.0 };
                 let expected = old - 0.01 * (sign + decay * old);

@@ -61,7 +61,8 @@ pub struct PpoConfig {
     pub ptx_coef: f64,
     pub sampling: SampleSettings,
     pub pad: usize,
-    pub end: usize,
+    /// Tokens that end a response (trained on, as sampled).
+    pub stops: Vec<usize>,
 }
 
 /// The model folders PPO starts from.
@@ -149,7 +150,7 @@ fn rollout(
         generate(
             policy,
             half,
-            Some(cfg.end),
+            &cfg.stops,
             cfg.pad,
             &cfg.sampling,
             half_seed,
@@ -157,19 +158,15 @@ fn rollout(
         )
     })
     .concat();
-    let max_new = cfg.sampling.max_new_tokens;
-    let finished: Vec<bool> = responses.iter().map(|r| r.len() < max_new).collect();
+    // A response ends with its stop token when it finished.
+    let finished: Vec<bool> = responses
+        .iter()
+        .map(|r| r.last().is_some_and(|t| cfg.stops.contains(t)))
+        .collect();
     let rows: Vec<Vec<usize>> = prompts
         .iter()
         .zip(&responses)
-        .zip(&finished)
-        .map(|((p, r), f)| {
-            let mut row = [p.as_slice(), r.as_slice()].concat();
-            if *f {
-                row.push(cfg.end);
-            }
-            row
-        })
+        .map(|(p, r)| [p.as_slice(), r.as_slice()].concat())
         .collect();
     let batch = TokenBatch::right_padded(&rows, cfg.pad);
     let s = batch.seq;
@@ -533,7 +530,7 @@ mod tests {
                 ..SampleSettings::default()
             },
             pad: 0,
-            end: 16,
+            stops: vec![16],
         };
         let prompts = vec![vec![3, 4, 5], vec![6]];
         let r = rollout(

@@ -1,4 +1,5 @@
-//! The chat template, defined once: every stage that turns a conversation
+//! posttrain's own chat template, for models that have none (the synthetic
+//! world's): every stage that turns a conversation
 //! into tokens (SFT, preference stages, sampling, eval) uses these strings,
 //! and the tokenizer stage adds them as special tokens.
 //!
@@ -6,7 +7,7 @@
 //! or `assistant`; a prompt for generation ends right after `<|assistant|>`,
 //! and a response is its text + `<|end|>`.
 
-use super::formats::Message;
+use super::Message;
 
 /// Bump when the template changes: it is part of every tokenization cache
 /// key, so cached token ids are never reused across templates.
@@ -24,6 +25,9 @@ pub const END_OF_TURN: &str = "<|end|>";
 
 /// Special tokens, in the order they get the first ids.
 pub const SPECIAL_TOKENS: [&str; 6] = [END_OF_TEXT, PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN];
+
+/// The same template in Jinja, for files other tools read (GGUF export).
+pub const JINJA: &str = "{% for m in messages %}{% if m['role'] == 'system' %}<|system|>{% elif m['role'] == 'assistant' %}<|assistant|>{% else %}<|user|>{% endif %}{{ m['content'] }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
 
 fn role_token(role: &str) -> &'static str {
     match role {
@@ -43,6 +47,23 @@ pub fn render_prompt(messages: &[Message]) -> String {
     }
     out.push_str(ASSISTANT);
     out
+}
+
+/// A whole conversation and the byte ranges of its assistant turns (each
+/// text with its `<|end|>`): what a loss mask trains on.
+pub fn assistant_spans(messages: &[Message]) -> (String, Vec<std::ops::Range<usize>>) {
+    let mut out = String::new();
+    let mut spans = Vec::new();
+    for m in messages {
+        out.push_str(role_token(&m.role));
+        let start = out.len();
+        out.push_str(&m.content);
+        out.push_str(END_OF_TURN);
+        if m.role == "assistant" {
+            spans.push(start..out.len());
+        }
+    }
+    (out, spans)
 }
 
 /// A single user question, ready for the response.
