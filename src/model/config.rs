@@ -60,6 +60,15 @@ impl Architecture {
         }
     }
 
+    /// What a GGUF file of this architecture loads back as: llama.cpp
+    /// files Mistral under `llama` (the same tensors and math).
+    pub fn gguf_family(self) -> Architecture {
+        match self {
+            Architecture::Mistral => Architecture::Llama,
+            other => other,
+        }
+    }
+
     pub fn from_model_type(model_type: &str) -> Option<Architecture> {
         Architecture::ALL
             .into_iter()
@@ -370,7 +379,16 @@ impl LlamaConfig {
             intermediate_size: size("intermediate_size")?,
             num_hidden_layers: size("num_hidden_layers")?,
             num_attention_heads: size("num_attention_heads")?,
-            num_key_value_heads: opt_size("num_key_value_heads")?,
+            num_key_value_heads: match obj.get("num_key_value_heads") {
+                // The config classes' defaults when the key is absent; null
+                // means one key/value head per query head.
+                None => match architecture {
+                    Architecture::Llama => None,
+                    Architecture::Mistral => Some(8),
+                    Architecture::Qwen2 | Architecture::Qwen3 => Some(32),
+                },
+                Some(_) => opt_size("num_key_value_heads")?,
+            },
             head_dim,
             max_position_embeddings,
             rope,
@@ -632,7 +650,11 @@ fn rope(
             high_freq_factor: num("high_freq_factor", None)?,
             original_max_position_embeddings: num(
                 "original_max_position_embeddings",
-                Some(max_positions as f64),
+                Some(
+                    obj.get("original_max_position_embeddings")
+                        .and_then(Value::as_f64)
+                        .unwrap_or(max_positions as f64),
+                ),
             )?,
         },
         other => {

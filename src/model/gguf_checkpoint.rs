@@ -42,7 +42,7 @@ impl From<gguf::GgufError> for CheckpointError {
 
 /// llama.cpp's architecture name for posttrain's.
 fn gguf_arch(a: Architecture) -> &'static str {
-    match a {
+    match a.gguf_family() {
         Architecture::Llama | Architecture::Mistral => "llama",
         Architecture::Qwen2 => "qwen2",
         Architecture::Qwen3 => "qwen3",
@@ -175,13 +175,15 @@ pub fn config_of(file: &GgufFile) -> Result<LlamaConfig, CheckpointError> {
             factor: float("rope.scaling.factor")
                 .ok_or_else(|| bad(path, format!("`{}` is missing", key("rope.scaling.factor"))))?,
         },
-        other => return Err(bad(
-            path,
-            format!(
+        other => {
+            return Err(bad(
+                path,
+                format!(
                 "`{}` is \"{other}\"; posttrain computes none and linear RoPE scaling from GGUF",
                 key("rope.scaling.type")
             ),
-        )),
+            ))
+        }
     };
     if file.tensor("rope_freqs.weight").is_some() {
         return Err(bad(
