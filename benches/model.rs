@@ -116,7 +116,7 @@ fn train_throughput(cfg: LlamaConfig, seq: usize, batch: usize, steps: usize) ->
         let t = Instant::now();
         causal_lm::train(
             Init::Random {
-                config: cfg.clone(),
+                config: Box::new(cfg.clone()),
                 seed: 0,
             },
             LmData {
@@ -158,7 +158,7 @@ fn generation_throughput(cfg: &LlamaConfig, batch: usize) {
         ..SampleSettings::default()
     };
     let t = Instant::now();
-    let out = generate(&p, &prompts, None, 0, &s, 0, true);
+    let out = generate(&p, &prompts, &[], 0, &s, 0, true);
     let secs = t.elapsed().as_secs_f64();
     let tokens: usize = out.iter().map(Vec::len).sum();
     println!(

@@ -245,7 +245,7 @@ train = { steps = 40, batch_size = 8, lr = 5e-4, warmup_steps = 4, eval_every = 
     .unwrap();
     let err = p.fails(&["run", "loaded"]);
     assert!(
-        err.contains("not a Llama model (model_type `gpt2`"),
+        err.contains("config.json") && err.contains("`model_type` is \"gpt2\""),
         "{err}"
     );
 
@@ -299,4 +299,48 @@ train = { steps = 40, batch_size = 8, lr = 5e-4, warmup_steps = 4, eval_every = 
         "--max-new-tokens",
         "3",
     ]);
+
+    // A model with its own template keeps it (no tokens added); a template
+    // with a syntax error, or one that raises, is refused naming the file.
+    let templated = p.path("models/templated");
+    std::fs::create_dir_all(&templated).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(
+            p.path(&format!("results/toy/stages/sft/{f}")),
+            templated.join(f),
+        )
+        .unwrap();
+    }
+    let config = |template: &str| {
+        serde_json::json!({"chat_template": template, "eos_token": "<|end|>"}).to_string()
+    };
+    let tc = templated.join("tokenizer_config.json");
+    std::fs::write(
+        &tc,
+        config("{% for m in messages %}{{ m['content'] }<|end|>{% endfor %}"),
+    )
+    .unwrap();
+    p.write(
+        "experiments/templated.toml",
+        "[stages.m]\nkind = \"load\"\npath = \"models/templated\"\n",
+    );
+    let err = p.fails(&["run", "templated"]);
+    assert!(
+        err.contains("tokenizer_config.json: chat template syntax error at line 1"),
+        "{err}"
+    );
+    std::fs::write(
+        &tc,
+        config("{% if messages[0]['role'] != 'system' %}{{ raise_exception('give a system message first') }}{% endif %}{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}<|assistant|>"),
+    )
+    .unwrap();
+    p.ok(&["run", "templated"]);
+    assert_eq!(metrics(&p, "templated", "m")["added_tokens"], 0.0);
+    let err = p.fails(&["sample", "templated", "m", "--prompt", "hi"]);
+    assert!(
+        err.contains(
+            "tokenizer_config.json: the chat template raised: give a system message first"
+        ),
+        "{err}"
+    );
 }

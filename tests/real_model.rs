@@ -256,7 +256,7 @@ fn smollm2_gguf_loads_answers_trains_and_exports() {
 fn loss_masks_are_exactly_the_assistant_turns() {
     let file = posttrain::gguf::GgufFile::open(&gguf_path()).unwrap();
     let json = posttrain::chat::gguf_vocab::tokenizer_json(&file).unwrap();
-    let conversation = vec![
+    let conversation = [
         Message {
             role: "system".into(),
             content: "Be brief.".into(),

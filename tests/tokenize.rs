@@ -105,7 +105,7 @@ fn a_tokenizer_without_the_chat_tokens_is_refused() {
     std::fs::write(&path, json).unwrap();
     let err = tokenize::load_tokenizer(&path).err().unwrap().to_string();
     assert!(
-        err.contains("the tokenizer has no `<|assistant|>` token, which the chat template needs"),
+        err.contains("other.json: the tokenizer has no `<|assistant|>` token, which posttrain's chat template needs"),
         "{err}"
     );
 }

@@ -165,7 +165,7 @@ impl StageKind for PretrainSettings {
         let eval = (!eval_data.is_empty()).then_some(&eval_data);
         let mut metrics = causal_lm::train(
             Init::Random {
-                config,
+                config: Box::new(config),
                 seed: ctx.seed,
             },
             LmData {

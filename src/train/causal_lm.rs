@@ -49,7 +49,7 @@ pub struct LmData<'a> {
 
 /// Where the model starts.
 pub enum Init<'a> {
-    Random { config: LlamaConfig, seed: u64 },
+    Random { config: Box<LlamaConfig>, seed: u64 },
     Load(&'a Path),
 }
 
