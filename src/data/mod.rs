@@ -9,6 +9,7 @@ pub mod rng;
 pub mod source;
 pub mod synth;
 pub mod tokenize;
+pub mod verifiers;
 pub mod world;
 
 use std::path::{Path, PathBuf};

@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod defaults;
 pub mod dpo;
 pub mod eval;
+pub mod grpo;
 pub mod inputs;
 pub mod label;
 pub mod load;
@@ -18,6 +19,7 @@ pub mod model_files;
 pub mod ppo;
 pub mod pretrain;
 pub mod reward;
+pub mod rloo;
 pub mod sft;
 pub mod synth;
 pub mod token_data;
@@ -132,6 +134,8 @@ stage_kinds! {
     Reward => reward::RewardSettings,
     Label => label::LabelSettings,
     Ppo => ppo::PpoSettings,
+    Grpo => grpo::GrpoSettings,
+    Rloo => rloo::RlooSettings,
     BestOfN => best_of_n::BestOfNSettings,
     Eval => eval::EvalSettings,
 }

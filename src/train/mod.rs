@@ -3,12 +3,14 @@
 
 pub mod causal_lm;
 pub mod dpo;
+pub mod group;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
 pub mod ppo;
 pub mod preference;
 pub mod reward;
+pub mod rollout;
 
 use std::time::Instant;
 

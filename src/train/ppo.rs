@@ -36,10 +36,11 @@ use super::losses::lm_loss;
 use super::metrics::MetricsLog;
 use super::optim::{AdamW, TrainSettings};
 use super::preference::{gae, kl_k1, kl_k3, ppo_policy_loss, ppo_value_loss};
+use super::rollout::{self, gather_rows, logprobs_and_entropy, pick, sub_batch, Samples};
 use super::{clipped_step, gradients, TrainError};
 use crate::data::rng::Rng;
-use crate::model::generate::{generate, SampleSettings};
-use crate::model::llama::{logits, reward_scores, scalar_values, TokenBatch};
+use crate::model::generate::SampleSettings;
+use crate::model::llama::{reward_scores, scalar_values, TokenBatch};
 use crate::model::{checkpoint, workers, Dev, LlamaParams};
 use crate::stages::Metrics;
 
@@ -89,30 +90,6 @@ struct Rollouts {
     finished: f64,
 }
 
-/// Per-token log-probs of the next tokens and per-token entropies, (B*S) each.
-fn logprobs_and_entropy(
-    params: &LlamaParams<f32, Dev>,
-    batch: &TokenBatch,
-) -> (Vec<f32>, Vec<f32>) {
-    let (b, s) = (batch.batch, batch.seq);
-    let v = params.config.vocab_size;
-    let lp = logits(params, batch, NoneTape)
-        .log_softmax::<Axis<2>>()
-        .as_vec();
-    let mut logp = Vec::with_capacity(b * s);
-    let mut entropy = Vec::with_capacity(b * s);
-    for (i, row) in lp.chunks(v).enumerate() {
-        let next = if i % s + 1 < s { batch.ids[i + 1] } else { 0 };
-        logp.push(row[next]);
-        entropy.push(-row.iter().map(|l| l.exp() * l).sum::<f32>());
-    }
-    (logp, entropy)
-}
-
-fn pick(flat: &[f32], columns: &[usize]) -> Vec<f32> {
-    columns.iter().map(|c| flat[*c]).collect()
-}
-
 /// Whiten values to mean 0 and variance 1 over all tokens of the batch.
 fn whiten(rows: &mut [Vec<f32>], shift_mean: bool) {
     let all: Vec<f64> = rows.iter().flatten().map(|x| f64::from(*x)).collect();
@@ -143,39 +120,11 @@ fn rollout(
     kl_coef: f64,
     seed: u64,
 ) -> Rollouts {
-    // The batch's halves sample at once, each its own seeded stream.
-    let half = prompts.len().div_ceil(workers::WORKERS);
-    let responses: Vec<Vec<usize>> = workers::map_chunks(&prompts, half, |i, half| {
-        let half_seed = seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
-        generate(
-            policy,
-            half,
-            &cfg.stops,
-            cfg.pad,
-            &cfg.sampling,
-            half_seed,
-            true,
-        )
-    })
-    .concat();
-    // A response ends with its stop token when it finished.
-    let finished: Vec<bool> = responses
-        .iter()
-        .map(|r| r.last().is_some_and(|t| cfg.stops.contains(t)))
-        .collect();
-    let rows: Vec<Vec<usize>> = prompts
-        .iter()
-        .zip(&responses)
-        .map(|(p, r)| [p.as_slice(), r.as_slice()].concat())
-        .collect();
-    let batch = TokenBatch::right_padded(&rows, cfg.pad);
-    let s = batch.seq;
-    let columns: Vec<Vec<usize>> = prompts
-        .iter()
-        .zip(&rows)
-        .enumerate()
-        .map(|(b, (p, row))| (p.len() - 1..row.len() - 1).map(|t| b * s + t).collect())
-        .collect();
+    let Samples {
+        batch,
+        columns,
+        finished,
+    } = rollout::sample(policy, &prompts, &cfg.stops, cfg.pad, &cfg.sampling, seed);
 
     // The four models' passes, two at a time.
     let ((logp, entropy), (ref_flat, _)) = workers::join(
@@ -236,35 +185,6 @@ fn rollout(
         entropy: entropy_sum / tokens.max(1) as f64,
         finished: finished.iter().filter(|f| **f).count() as f64 / finished.len().max(1) as f64,
     }
-}
-
-/// The rows `rows` of a rollout batch as their own batch, with the flat
-/// columns of their response tokens in it.
-fn sub_batch(r: &Rollouts, rows: &[usize]) -> (TokenBatch, Vec<usize>) {
-    let s = r.batch.seq;
-    let mut ids = Vec::with_capacity(rows.len() * s);
-    let mut mask = Vec::with_capacity(rows.len() * s);
-    let mut columns = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        ids.extend_from_slice(&r.batch.ids[row * s..(row + 1) * s]);
-        mask.extend_from_slice(&r.batch.mask[row * s..(row + 1) * s]);
-        columns.extend(r.columns[*row].iter().map(|c| c - row * s + i * s));
-    }
-    (
-        TokenBatch {
-            ids,
-            mask,
-            batch: rows.len(),
-            seq: s,
-        },
-        columns,
-    )
-}
-
-fn gather_rows(rows: &[usize], per_row: &[Vec<f32>]) -> Vec<f32> {
-    rows.iter()
-        .flat_map(|r| per_row[*r].iter().copied())
-        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -347,7 +267,7 @@ pub fn train(
             let mut idx: Vec<usize> = (0..s.batch_size).collect();
             rng.shuffle(&mut idx);
             for chunk in idx.chunks(mb) {
-                let (batch, cols) = sub_batch(&roll, chunk);
+                let (batch, cols) = sub_batch(&roll.batch, &roll.columns, chunk);
                 let index = dev.tensor_from_vec(cols.clone(), (cols.len(),));
                 let old = gather_rows(chunk, &roll.old_logp);
                 let adv = gather_rows(chunk, &roll.advantages);
@@ -562,7 +482,7 @@ mod tests {
             );
         }
         // The sub-batch of row 1 alone points at the same tokens.
-        let (one, cols) = sub_batch(&r, &[1]);
+        let (one, cols) = sub_batch(&r.batch, &r.columns, &[1]);
         assert_eq!(one.batch, 1);
         let shift = s;
         assert_eq!(
