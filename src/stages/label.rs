@@ -25,8 +25,8 @@ use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::model_files::{
-    chat_template_input, decode, load_world, pad_id, stop_ids, upstream_tokenizer,
-    validate_chat_template, validate_sampling,
+    chat_template_input, decode, load_reward_model, load_world, pad_id, stop_ids,
+    upstream_tokenizer, validate_chat_template, validate_sampling,
 };
 use super::token_data::load_prompts;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
@@ -37,6 +37,26 @@ use crate::model::frozen::FrozenModel;
 use crate::model::generate::SampleSettings;
 
 pub const OUTPUT: &str = "comparisons.parquet";
+
+/// The answer pairs (a, b), a < b, to label for one prompt: every pair, or
+/// the best and the worst non-empty answers by `scores`.
+fn candidate_pairs(scores: &[f64], texts: &[String], pairs: Pairs) -> Vec<(usize, usize)> {
+    let k = scores.len();
+    match pairs {
+        Pairs::All => (0..k)
+            .flat_map(|a| (a + 1..k).map(move |b| (a, b)))
+            .collect(),
+        Pairs::BestWorst => {
+            let live: Vec<usize> = (0..k).filter(|i| !texts[*i].trim().is_empty()).collect();
+            let best = live.iter().copied().max_by(|x, y| scores[*x].total_cmp(&scores[*y]));
+            let worst = live.iter().copied().min_by(|x, y| scores[*x].total_cmp(&scores[*y]));
+            match (best, worst) {
+                (Some(b), Some(w)) if b != w => vec![(b.min(w), b.max(w))],
+                _ => Vec::new(),
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,8 +71,18 @@ pub struct LabelSettings {
     pub chat_template: Option<String>,
     /// The model whose answers are labeled. Required.
     pub policy: StageRef,
-    /// A `synth` stage: its world's gold labeler labels. Required.
+    /// A `synth` stage: its world's gold labeler labels (and fills the
+    /// `*_gold` columns). Required.
     pub gold: StageRef,
+    /// A reward stage that labels instead of the gold labeler (AI
+    /// feedback: RLAIF, Llama 3's rounds). Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<StageRef>,
+    /// "all" ordered pairs the labeler is not indifferent about (default),
+    /// or "best_worst": one pair per prompt, its best against its worst
+    /// answer (Llama 3's recipe).
+    #[serde(default, skip_serializing_if = "Pairs::is_all")]
+    pub pairs: Pairs,
     /// Prompts to answer. Required.
     #[serde(deserialize_with = "DataSource::from_str_or_table")]
     pub prompts: DataSource,
@@ -75,6 +105,20 @@ pub struct LabelSettings {
     /// Sequences per forward pass. Default 32.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pairs {
+    #[default]
+    All,
+    BestWorst,
+}
+
+impl Pairs {
+    fn is_all(&self) -> bool {
+        *self == Pairs::All
+    }
 }
 
 fn default_samples() -> usize {
@@ -100,6 +144,7 @@ impl StageKind for LabelSettings {
                 Input::stage("gold", &self.gold),
                 Input::data("prompts", &self.prompts),
             ];
+            inputs.extend(self.judge.as_ref().map(|j| Input::stage("judge", j)));
             inputs.extend(self.extra.as_ref().map(|e| Input::data("extra", e)));
             inputs
         };
@@ -154,6 +199,25 @@ impl StageKind for LabelSettings {
             .iter()
             .map(|a| decode(&tok, &a.ids))
             .collect::<Result<Vec<_>, _>>()?;
+        // The AI judge's scores, when one labels.
+        let judged: Option<Vec<f64>> = match &self.judge {
+            Some(j) => {
+                ctx.progress.set_message("judging");
+                let rm = load_reward_model(ctx, "judge", j)?;
+                let sequences: Vec<Vec<usize>> = answers
+                    .iter()
+                    .enumerate()
+                    .map(|(n, a)| a.sequence(&prompts.ids[n / k]))
+                    .collect();
+                Some(
+                    rm.scores(&sequences, pad, self.batch_size)
+                        .into_iter()
+                        .map(f64::from)
+                        .collect(),
+                )
+            }
+            None => None,
+        };
 
         let mut rng = Rng::fork(ctx.seed, "label-noise");
         let mut out = Columns::default();
@@ -163,11 +227,15 @@ impl StageKind for LabelSettings {
                 .parse_request(question)
                 .map_or("unknown", |r| r.category())
                 .to_string();
-            let scores: Vec<f64> = (0..k)
+            let golds: Vec<f64> = (0..k)
                 .map(|j| gold.score(question, &texts[i * k + j]).total)
                 .collect();
-            for a in 0..k {
-                for b in a + 1..k {
+            let scores: Vec<f64> = match &judged {
+                Some(j) => j[i * k..(i + 1) * k].to_vec(),
+                None => golds.clone(),
+            };
+            for (a, b) in candidate_pairs(&scores, &texts[i * k..(i + 1) * k], self.pairs) {
+                {
                     if (scores[a] - scores[b]).abs() < 1e-9 {
                         continue; // the labeler has no preference
                     }
@@ -187,8 +255,8 @@ impl StageKind for LabelSettings {
                     out.chosen.push(texts[i * k + w].clone());
                     out.rejected.push(texts[i * k + l].clone());
                     out.category.push(category.clone());
-                    out.chosen_gold.push(scores[w]);
-                    out.rejected_gold.push(scores[l]);
+                    out.chosen_gold.push(golds[w]);
+                    out.rejected_gold.push(golds[l]);
                     out.flipped.push(flip);
                 }
             }

@@ -20,6 +20,9 @@ pub mod ppo;
 pub mod pretrain;
 pub mod reward;
 pub mod rloo;
+pub mod orpo;
+pub mod simpo;
+pub mod kto;
 pub mod sft;
 pub mod synth;
 pub mod token_data;
@@ -136,6 +139,9 @@ stage_kinds! {
     Ppo => ppo::PpoSettings,
     Grpo => grpo::GrpoSettings,
     Rloo => rloo::RlooSettings,
+    Orpo => orpo::OrpoSettings,
+    Simpo => simpo::SimpoSettings,
+    Kto => kto::KtoSettings,
     BestOfN => best_of_n::BestOfNSettings,
     Eval => eval::EvalSettings,
 }

@@ -4,11 +4,13 @@
 pub mod causal_lm;
 pub mod dpo;
 pub mod group;
+pub mod kto;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
 pub mod ppo;
 pub mod preference;
+pub mod reference_free;
 pub mod reward;
 pub mod rollout;
 

@@ -1,0 +1,196 @@
+//! `kto`: Kahneman-Tversky optimisation from unpaired labels: each
+//! comparison of `data` becomes two examples, its chosen answer desirable
+//! and its rejected one undesirable (TRL's conversion of paired data), and
+//! the policy trains against the frozen `reference` (default `from`). See
+//! `train/kto.rs` for the loss. The weights are checked against the
+//! paper's balance rule and a warning is printed when outside it.
+//!
+//! ```toml
+//! [stages.kto]
+//! kind = "kto"
+//! from = "sft"
+//! data = { stage = "world", file = "comparisons.parquet" }
+//! beta = 0.1
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use super::model_files::{
+    chat_template_input, copy_tokenizer, finetune_inputs, model_outputs, pad_id,
+    upstream_tokenizer, validate_chat_template, validate_finetune,
+};
+use super::token_data::load_pairs;
+use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
+use crate::data::tokenize::TokenCache;
+use crate::train::causal_lm::LmExamples;
+use crate::train::dpo::{self, PairExamples};
+use crate::train::kto::{self, KtoConfig, KtoExamples};
+use crate::train::optim::TrainSettings;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KtoSettings {
+    /// Chat template: "model" (the model's own when it has one, else
+    /// posttrain's; the default), "posttrain", or a `.jinja` file.
+    #[serde(
+        default,
+        deserialize_with = "super::model_files::chat_template_setting",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub chat_template: Option<String>,
+    /// The policy's starting model. Required.
+    pub from: StageRef,
+    /// The frozen reference. Default: the `from` stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<StageRef>,
+    /// Comparisons, split into desirable (chosen) and undesirable (rejected) examples. Required.
+    #[serde(deserialize_with = "DataSource::from_str_or_table")]
+    pub data: DataSource,
+    /// Held-out comparisons: the implicit reward's accuracy. Optional.
+    #[serde(
+        default,
+        deserialize_with = "DataSource::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub eval_data: Option<DataSource>,
+    /// Default 0.1 (TRL).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// Default 1.0 (TRL).
+    #[serde(default = "default_weight")]
+    pub desirable_weight: f64,
+    /// Default 1.0 (TRL).
+    #[serde(default = "default_weight")]
+    pub undesirable_weight: f64,
+    /// Longest prompt + completion in tokens. Default 128.
+    #[serde(default = "super::orpo::default_max_len")]
+    pub max_len: usize,
+    #[serde(default)]
+    pub train: TrainSettings,
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+fn default_weight() -> f64 {
+    1.0
+}
+
+/// Split a sequence where training starts: (prompt, completion).
+fn split(tokens: &[u32], trained: &[bool]) -> (Vec<u32>, Vec<u32>) {
+    let k = trained.iter().position(|t| *t).unwrap_or(tokens.len());
+    (tokens[..k].to_vec(), tokens[k..].to_vec())
+}
+
+/// Chosen answers desirable, rejected ones not, interleaved; each example's
+/// mismatched pair is its prompt with the completion two examples on (the
+/// next comparison's answer of the same label).
+fn unpaired(pairs: &PairExamples, max_len: usize) -> KtoExamples {
+    let mut examples = LmExamples::default();
+    let mut desirable = Vec::new();
+    for i in 0..pairs.len() {
+        for (ex, label) in [(&pairs.chosen, true), (&pairs.rejected, false)] {
+            examples.tokens.push(ex.tokens[i].clone());
+            examples.trained.push(ex.trained[i].clone());
+            desirable.push(label);
+        }
+    }
+    let n = examples.len();
+    let mut mismatched = LmExamples::default();
+    for i in 0..n {
+        let (prompt, _) = split(&examples.tokens[i], &examples.trained[i]);
+        let j = (i + 2) % n;
+        let (_, completion) = split(&examples.tokens[j], &examples.trained[j]);
+        let mut tokens = [prompt.clone(), completion.clone()].concat();
+        let mut trained: Vec<bool> = std::iter::repeat_n(false, prompt.len())
+            .chain(std::iter::repeat_n(true, completion.len()))
+            .collect();
+        tokens.truncate(max_len);
+        trained.truncate(max_len);
+        mismatched.tokens.push(tokens);
+        mismatched.trained.push(trained);
+    }
+    KtoExamples {
+        examples,
+        desirable,
+        mismatched,
+    }
+}
+
+impl StageKind for KtoSettings {
+    const KIND: &'static str = "kto";
+    const RECIPE_VERSION: u32 = 1;
+    const SUMMARY: &'static str = "KTO: desirable / undesirable labels against a frozen reference";
+
+    fn inputs(&self) -> Vec<Input> {
+        let mut all = finetune_inputs(&self.from, &self.data, self.eval_data.as_ref());
+        all.extend(self.reference.as_ref().map(|r| Input::stage("reference", r)));
+        all.extend(chat_template_input(self.chat_template.as_deref()));
+        all
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        validate_chat_template(self.chat_template.as_deref())?;
+        if !(self.beta > 0.0 && self.beta.is_finite()) {
+            return Err(("beta".into(), format!("must be positive, got {}", self.beta)));
+        }
+        for (field, w) in [
+            ("desirable_weight", self.desirable_weight),
+            ("undesirable_weight", self.undesirable_weight),
+        ] {
+            if !(w > 0.0 && w.is_finite()) {
+                return Err((field.into(), format!("must be positive, got {w}")));
+            }
+        }
+        validate_finetune(self.max_len, &self.train)
+    }
+
+    fn outputs(&self) -> Option<Vec<String>> {
+        Some(model_outputs())
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
+        let (tok, tok_path) = upstream_tokenizer(ctx, &self.from, self.chat_template.as_deref())?;
+        let mut cache = TokenCache::new(ctx.cache_dir.join("tokens"));
+        ctx.progress.set_message("tokenizing");
+        let pairs = load_pairs(ctx, &self.data, &tok, &mut cache, self.max_len)?.pairs;
+        let data = unpaired(&pairs, self.max_len);
+        let cfg = KtoConfig {
+            beta: self.beta,
+            desirable_weight: self.desirable_weight,
+            undesirable_weight: self.undesirable_weight,
+            pad: pad_id(&tok),
+        };
+        let n_d = data.desirable.iter().filter(|d| **d).count();
+        if let Some(w) = kto::balance_warning(&cfg, n_d, data.desirable.len() - n_d) {
+            ctx.progress.println(format!("warning: stage kto: {w}"));
+        }
+        let reference = ctx.stage_dir(self.reference.as_ref().unwrap_or(&self.from))?;
+        ctx.progress.set_message("reference log-probs");
+        let b = self.train.batch_size;
+        let refs = kto::reference_logprobs(reference, &data, cfg.pad, b)?;
+        let eval = match &self.eval_data {
+            Some(e) => {
+                let pairs = load_pairs(ctx, e, &tok, &mut cache, self.max_len)?.pairs;
+                let (c, r) = dpo::reference_logprobs(reference, &pairs, cfg.pad, b)?;
+                Some((pairs, c, r))
+            }
+            None => None,
+        };
+        let mut metrics = kto::train(
+            ctx.stage_dir(&self.from)?,
+            &data,
+            (&refs.0, &refs.1),
+            eval.as_ref().map(|(p, c, r)| (p, c.as_slice(), r.as_slice())),
+            &cfg,
+            &self.train,
+            ctx.seed,
+            ctx.out_dir,
+            ctx.progress,
+        )?;
+        copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;
+        metrics.insert("examples".into(), data.desirable.len() as f64);
+        metrics.insert("desirable".into(), n_d as f64);
+        Ok(metrics)
+    }
+}
