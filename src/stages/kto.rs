@@ -124,7 +124,11 @@ impl StageKind for KtoSettings {
 
     fn inputs(&self) -> Vec<Input> {
         let mut all = finetune_inputs(&self.from, &self.data, self.eval_data.as_ref());
-        all.extend(self.reference.as_ref().map(|r| Input::stage("reference", r)));
+        all.extend(
+            self.reference
+                .as_ref()
+                .map(|r| Input::stage("reference", r)),
+        );
         all.extend(chat_template_input(self.chat_template.as_deref()));
         all
     }
@@ -132,7 +136,10 @@ impl StageKind for KtoSettings {
     fn validate(&self) -> Result<(), (String, String)> {
         validate_chat_template(self.chat_template.as_deref())?;
         if !(self.beta > 0.0 && self.beta.is_finite()) {
-            return Err(("beta".into(), format!("must be positive, got {}", self.beta)));
+            return Err((
+                "beta".into(),
+                format!("must be positive, got {}", self.beta),
+            ));
         }
         for (field, w) in [
             ("desirable_weight", self.desirable_weight),
@@ -181,7 +188,8 @@ impl StageKind for KtoSettings {
             ctx.stage_dir(&self.from)?,
             &data,
             (&refs.0, &refs.1),
-            eval.as_ref().map(|(p, c, r)| (p, c.as_slice(), r.as_slice())),
+            eval.as_ref()
+                .map(|(p, c, r)| (p, c.as_slice(), r.as_slice())),
             &cfg,
             &self.train,
             ctx.seed,

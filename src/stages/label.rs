@@ -48,8 +48,14 @@ fn candidate_pairs(scores: &[f64], texts: &[String], pairs: Pairs) -> Vec<(usize
             .collect(),
         Pairs::BestWorst => {
             let live: Vec<usize> = (0..k).filter(|i| !texts[*i].trim().is_empty()).collect();
-            let best = live.iter().copied().max_by(|x, y| scores[*x].total_cmp(&scores[*y]));
-            let worst = live.iter().copied().min_by(|x, y| scores[*x].total_cmp(&scores[*y]));
+            let best = live
+                .iter()
+                .copied()
+                .max_by(|x, y| scores[*x].total_cmp(&scores[*y]));
+            let worst = live
+                .iter()
+                .copied()
+                .min_by(|x, y| scores[*x].total_cmp(&scores[*y]));
             match (best, worst) {
                 (Some(b), Some(w)) if b != w => vec![(b.min(w), b.max(w))],
                 _ => Vec::new(),

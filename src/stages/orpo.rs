@@ -128,7 +128,10 @@ impl StageKind for OrpoSettings {
     fn validate(&self) -> Result<(), (String, String)> {
         validate_chat_template(self.chat_template.as_deref())?;
         if !(self.beta > 0.0 && self.beta.is_finite()) {
-            return Err(("beta".into(), format!("must be positive, got {}", self.beta)));
+            return Err((
+                "beta".into(),
+                format!("must be positive, got {}", self.beta),
+            ));
         }
         validate_finetune(self.max_len, &self.train)
     }

@@ -84,7 +84,10 @@ impl StageKind for SimpoSettings {
     fn validate(&self) -> Result<(), (String, String)> {
         validate_chat_template(self.chat_template.as_deref())?;
         if !(self.beta > 0.0 && self.beta.is_finite()) {
-            return Err(("beta".into(), format!("must be positive, got {}", self.beta)));
+            return Err((
+                "beta".into(),
+                format!("must be positive, got {}", self.beta),
+            ));
         }
         if !self.gamma.is_finite() || !(self.sft_weight >= 0.0) {
             return Err((

@@ -63,10 +63,17 @@ fn logprobs<T: Tape<f32, Dev> + Merge<T> + Merge<NoneTape>>(
 }
 
 /// Sequence log-probs of every example of `ex`, spread over the workers.
-pub fn all_logprobs(params: &LlamaParams<f32, Dev>, ex: &LmExamples, pad: usize, batch: usize) -> Vec<f32> {
+pub fn all_logprobs(
+    params: &LlamaParams<f32, Dev>,
+    ex: &LmExamples,
+    pad: usize,
+    batch: usize,
+) -> Vec<f32> {
     let rows: Vec<usize> = (0..ex.len()).collect();
-    workers::map_chunks(&rows, batch, |_, chunk| logprobs(params, ex, chunk, pad, NoneTape).as_vec())
-        .concat()
+    workers::map_chunks(&rows, batch, |_, chunk| {
+        logprobs(params, ex, chunk, pad, NoneTape).as_vec()
+    })
+    .concat()
 }
 
 /// The reference model's log-probs of every example and of every
@@ -108,7 +115,13 @@ pub fn kto_loss<T: Tape<f32, Dev> + Merge<T> + Merge<NoneTape>>(
     // sign +1 for desirable, -1 for undesirable: 1 - sigmoid(sign beta (Delta - z0)).
     let sign: Vec<f32> = desirable
         .iter()
-        .map(|d| if *d { cfg.beta as f32 } else { -cfg.beta as f32 })
+        .map(|d| {
+            if *d {
+                cfg.beta as f32
+            } else {
+                -cfg.beta as f32
+            }
+        })
         .collect();
     let weight: Vec<f32> = desirable
         .iter()
@@ -159,7 +172,11 @@ pub fn train(
             // The reference point from this part's mismatched pairs, detached.
             let pm = logprobs(p, &data.mismatched, rows, cfg.pad, NoneTape).as_vec();
             let rm: Vec<f32> = rows.iter().map(|r| refs.1[*r]).collect();
-            let kl_raw = pm.iter().zip(&rm).map(|(a, b)| f64::from(a - b)).sum::<f64>()
+            let kl_raw = pm
+                .iter()
+                .zip(&rm)
+                .map(|(a, b)| f64::from(a - b))
+                .sum::<f64>()
                 / rows.len().max(1) as f64;
             let z = z0(&pm, &rm);
             let lp = logprobs(p, &data.examples, rows, cfg.pad, OwnedTape::default());
@@ -259,7 +276,14 @@ mod tests {
         // desirable 1 - s(0.4), undesirable 2 (1 - s(-0.4)); mean of the two.
         let s = |x: f64| 1.0 / (1.0 + (-x).exp());
         let want = ((1.0 - s(0.4)) + 2.0 * (1.0 - s(-0.4))) / 2.0;
-        let got = kto_loss(constant(&[0.0, 0.0]), &[-1.0, -1.0], &[true, false], 0.2, &cfg()).as_vec()[0];
+        let got = kto_loss(
+            constant(&[0.0, 0.0]),
+            &[-1.0, -1.0],
+            &[true, false],
+            0.2,
+            &cfg(),
+        )
+        .as_vec()[0];
         assert!((f64::from(got) - want).abs() < 1e-6, "{got} vs {want}");
     }
 

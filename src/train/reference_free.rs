@@ -34,8 +34,14 @@ use crate::stages::Metrics;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RefFreeLoss {
-    Orpo { beta: f64 },
-    Simpo { beta: f64, gamma: f64, sft_weight: f64 },
+    Orpo {
+        beta: f64,
+    },
+    Simpo {
+        beta: f64,
+        gamma: f64,
+        sft_weight: f64,
+    },
 }
 
 type V<T> = Tensor<(usize,), f32, Dev, T>;
@@ -293,8 +299,14 @@ mod tests {
         let kind = RefFreeLoss::Orpo { beta: 0.7 };
         let (c, r) = (-0.8f32, -1.9f32);
         let dev = Dev::default();
-        let (t, u) = (dev.tensor_from_vec(vec![c], (1,)), dev.tensor_from_vec(vec![r], (1,)));
-        let g = loss(t.leaky_trace(), u.leaky_trace(), kind).backward().get(&t).as_vec()[0];
+        let (t, u) = (
+            dev.tensor_from_vec(vec![c], (1,)),
+            dev.tensor_from_vec(vec![r], (1,)),
+        );
+        let g = loss(t.leaky_trace(), u.leaky_trace(), kind)
+            .backward()
+            .get(&t)
+            .as_vec()[0];
         let h = 1e-3f32;
         let fd = (value(&[c + h], &[r], kind) - value(&[c - h], &[r], kind)) / (2.0 * f64::from(h));
         assert!((f64::from(g) - fd).abs() < 1e-3, "{g} vs {fd}");
