@@ -141,6 +141,19 @@ eval_data = {{ stage = "world", file = "comparisons_test.parquet" }}
 max_len = 64
 train = {{ steps = 30, batch_size = 8, lr = 1e-3, warmup_steps = 2, eval_every = 15 }}
 
+[stages.rated]
+kind = "rate"
+gold = "world"
+data = {{ stage = "world", file = "comparisons.parquet" }}
+
+[stages.kto_rated]
+kind = "kto"
+from = "sft"
+ratings = {{ stage = "rated", file = "ratings.parquet" }}
+threshold = 4.5
+max_len = 64
+train = {{ steps = 10, batch_size = 8, lr = 1e-3, warmup_steps = 1 }}
+
 [stages.judged]
 kind = "label"
 policy = "sft"
@@ -200,6 +213,14 @@ sampling = {{ max_new_tokens = 12 }}
         "chosen_gold",
     );
     assert!(!chosen.is_empty() && chosen.len() <= 40, "{}", chosen.len());
+    // Simulated raters disagree, but not at random; their comparisons
+    // carry the difference of mean ratings as a margin.
+    let record = posttrain::results::record::RunRecord::read(&p.path("results/all")).unwrap();
+    let agreement = record.stages["rated"].metrics["agreement"];
+    assert!((0.55..0.95).contains(&agreement), "agreement {agreement}");
+    let margins = floats(&p, "results/all/stages/rated/comparisons.parquet", "margin");
+    assert!(margins.iter().all(|m| *m > 0.0));
+    assert!(record.stages["kto_rated"].metrics["desirable"] > 0.0);
     // Every policy is in the eval table.
     let policies = posttrain::data::read_parquet(&p.path("results/all/eval.parquet"))
         .unwrap()

@@ -5,6 +5,7 @@ pub mod corpus;
 pub mod formats;
 pub mod gold;
 pub mod prepare;
+pub mod ratings;
 pub mod rng;
 pub mod source;
 pub mod synth;

@@ -1,6 +1,8 @@
 //! `kto`: Kahneman-Tversky optimisation from unpaired labels: each
 //! comparison of `data` becomes two examples, its chosen answer desirable
-//! and its rejected one undesirable (TRL's conversion of paired data), and
+//! and its rejected one undesirable (TRL's conversion of paired data), or
+//! each answer of `ratings` is desirable when its mean rating reaches
+//! `threshold`; and
 //! the policy trains against the frozen `reference` (default `from`). See
 //! `train/kto.rs` for the loss. The weights are checked against the
 //! paper's balance rule and a warning is printed when outside it.
@@ -16,12 +18,15 @@
 use serde::{Deserialize, Serialize};
 
 use super::model_files::{
-    chat_template_input, copy_tokenizer, finetune_inputs, model_outputs, pad_id,
-    upstream_tokenizer, validate_chat_template, validate_finetune,
+    chat_template_input, copy_tokenizer, model_outputs, pad_id, upstream_tokenizer,
+    validate_chat_template, validate_finetune,
 };
 use super::token_data::load_pairs;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
-use crate::data::tokenize::TokenCache;
+use crate::chat::Message;
+use crate::data::formats::Demonstration;
+use crate::data::ratings;
+use crate::data::tokenize::{self, TokenCache};
 use crate::train::causal_lm::LmExamples;
 use crate::train::dpo::{self, PairExamples};
 use crate::train::kto::{self, KtoConfig, KtoExamples};
@@ -43,9 +48,27 @@ pub struct KtoSettings {
     /// The frozen reference. Default: the `from` stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<StageRef>,
-    /// Comparisons, split into desirable (chosen) and undesirable (rejected) examples. Required.
-    #[serde(deserialize_with = "DataSource::from_str_or_table")]
-    pub data: DataSource,
+    /// Comparisons, split into desirable (chosen) and undesirable
+    /// (rejected) examples. This or `ratings` is required.
+    #[serde(
+        default,
+        deserialize_with = "DataSource::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub data: Option<DataSource>,
+    /// Pointwise ratings (`prompt`, `response`, `rating`, optional `rater`,
+    /// e.g. a `rate` stage's `ratings.parquet`): each answer desirable when
+    /// its mean rating reaches `threshold`.
+    #[serde(
+        default,
+        deserialize_with = "DataSource::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ratings: Option<DataSource>,
+    /// With `ratings`: the mean rating from which an answer is desirable.
+    /// Default 5 (of 1-7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
     /// Held-out comparisons: the implicit reward's accuracy. Optional.
     #[serde(
         default,
@@ -72,6 +95,7 @@ pub struct KtoSettings {
 fn default_beta() -> f64 {
     0.1
 }
+const DEFAULT_THRESHOLD: f64 = 5.0;
 fn default_weight() -> f64 {
     1.0
 }
@@ -82,10 +106,8 @@ fn split(tokens: &[u32], trained: &[bool]) -> (Vec<u32>, Vec<u32>) {
     (tokens[..k].to_vec(), tokens[k..].to_vec())
 }
 
-/// Chosen answers desirable, rejected ones not, interleaved; each example's
-/// mismatched pair is its prompt with the completion two examples on (the
-/// next comparison's answer of the same label).
-fn unpaired(pairs: &PairExamples, max_len: usize) -> KtoExamples {
+/// Chosen answers desirable, rejected ones not, interleaved.
+fn split_pairs(pairs: &PairExamples) -> (LmExamples, Vec<bool>) {
     let mut examples = LmExamples::default();
     let mut desirable = Vec::new();
     for i in 0..pairs.len() {
@@ -95,6 +117,13 @@ fn unpaired(pairs: &PairExamples, max_len: usize) -> KtoExamples {
             desirable.push(label);
         }
     }
+    (examples, desirable)
+}
+
+/// Labeled examples with their mismatched pairs: each example's prompt
+/// with the completion two examples on (for split comparisons, the next
+/// comparison's answer of the same label).
+fn unpaired(examples: LmExamples, desirable: Vec<bool>, max_len: usize) -> KtoExamples {
     let n = examples.len();
     let mut mismatched = LmExamples::default();
     for i in 0..n {
@@ -117,13 +146,73 @@ fn unpaired(pairs: &PairExamples, max_len: usize) -> KtoExamples {
     }
 }
 
+impl KtoSettings {
+    fn threshold(&self) -> f64 {
+        self.threshold.unwrap_or(DEFAULT_THRESHOLD)
+    }
+
+    /// Examples and labels from a ratings table.
+    fn rated(
+        &self,
+        ctx: &StageContext,
+        source: &DataSource,
+        tok: &crate::chat::LoadedTokenizer,
+        cache: &mut TokenCache,
+    ) -> Result<(LmExamples, Vec<bool>), StageError> {
+        let (df, path) = ctx.load(source)?;
+        let labels = ratings::to_labels(&ratings::read(&df, &path)?, self.threshold());
+        let rows: Vec<Demonstration> = labels
+            .iter()
+            .map(|(p, r, _)| Demonstration {
+                prompt: vec![Message::user(p)],
+                response: r.clone(),
+            })
+            .collect();
+        let table = tokenize::demonstrations(tok, &rows, cache)?;
+        let mut examples = LmExamples::default();
+        let mut desirable = Vec::new();
+        for ((tokens, trained), (_, _, label)) in table
+            .column("tokens")
+            .iter()
+            .zip(table.column("trained"))
+            .zip(&labels)
+        {
+            let mut tokens = tokens.clone();
+            let mut trained: Vec<bool> = trained.iter().map(|t| *t == 1).collect();
+            tokens.truncate(self.max_len);
+            trained.truncate(self.max_len);
+            if trained.iter().any(|t| *t) {
+                examples.tokens.push(tokens);
+                examples.trained.push(trained);
+                desirable.push(*label);
+            }
+        }
+        if desirable.iter().all(|d| *d) || !desirable.iter().any(|d| *d) {
+            return Err(StageError::Failed(format!(
+                "{}: with `threshold` = {} every answer is {}: KTO needs both labels",
+                path.display(),
+                self.threshold(),
+                if desirable.first() == Some(&true) {
+                    "desirable"
+                } else {
+                    "undesirable"
+                }
+            )));
+        }
+        Ok((examples, desirable))
+    }
+}
+
 impl StageKind for KtoSettings {
     const KIND: &'static str = "kto";
     const RECIPE_VERSION: u32 = 1;
     const SUMMARY: &'static str = "KTO: desirable / undesirable labels against a frozen reference";
 
     fn inputs(&self) -> Vec<Input> {
-        let mut all = finetune_inputs(&self.from, &self.data, self.eval_data.as_ref());
+        let mut all = vec![Input::stage("from", &self.from)];
+        all.extend(self.data.as_ref().map(|d| Input::data("data", d)));
+        all.extend(self.ratings.as_ref().map(|d| Input::data("ratings", d)));
+        all.extend(self.eval_data.as_ref().map(|d| Input::data("eval_data", d)));
         all.extend(
             self.reference
                 .as_ref()
@@ -135,6 +224,21 @@ impl StageKind for KtoSettings {
 
     fn validate(&self) -> Result<(), (String, String)> {
         validate_chat_template(self.chat_template.as_deref())?;
+        if self.data.is_some() == self.ratings.is_some() {
+            return Err((
+                "data".into(),
+                "give either `data` (comparisons to split) or `ratings` (labeled by `threshold`)"
+                    .into(),
+            ));
+        }
+        if let Some(t) = self.threshold {
+            if !t.is_finite() || self.ratings.is_none() {
+                return Err((
+                    "threshold".into(),
+                    format!("applies to `ratings` and must be a number, got {t}"),
+                ));
+            }
+        }
         if !(self.beta > 0.0 && self.beta.is_finite()) {
             return Err((
                 "beta".into(),
@@ -160,8 +264,12 @@ impl StageKind for KtoSettings {
         let (tok, tok_path) = upstream_tokenizer(ctx, &self.from, self.chat_template.as_deref())?;
         let mut cache = TokenCache::new(ctx.cache_dir.join("tokens"));
         ctx.progress.set_message("tokenizing");
-        let pairs = load_pairs(ctx, &self.data, &tok, &mut cache, self.max_len)?.pairs;
-        let data = unpaired(&pairs, self.max_len);
+        let (examples, desirable) = match (&self.data, &self.ratings) {
+            (Some(d), _) => split_pairs(&load_pairs(ctx, d, &tok, &mut cache, self.max_len)?.pairs),
+            (None, Some(r)) => self.rated(ctx, r, &tok, &mut cache)?,
+            (None, None) => unreachable!("validated: data or ratings"),
+        };
+        let data = unpaired(examples, desirable, self.max_len);
         let cfg = KtoConfig {
             beta: self.beta,
             desirable_weight: self.desirable_weight,

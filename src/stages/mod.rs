@@ -20,6 +20,7 @@ pub mod model_files;
 pub mod orpo;
 pub mod ppo;
 pub mod pretrain;
+pub mod rate;
 pub mod reward;
 pub mod rloo;
 pub mod sft;
@@ -142,6 +143,7 @@ stage_kinds! {
     Orpo => orpo::OrpoSettings,
     Simpo => simpo::SimpoSettings,
     Kto => kto::KtoSettings,
+    Rate => rate::RateSettings,
     BestOfN => best_of_n::BestOfNSettings,
     Eval => eval::EvalSettings,
 }
