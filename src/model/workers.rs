@@ -7,13 +7,31 @@
 //!
 //! The worker count is a constant, not the machine's core count, and work
 //! is split the same way everywhere, so results do not depend on the machine.
+//!
+//! This is a CPU strategy: with the `cuda` feature the same functions run
+//! their work in order on the calling thread (a CUDA device's tensors hold
+//! a stream that cannot move between threads, and the GPU parallelises
+//! inside each op), with the same split and so the same results.
 
+#[cfg(not(feature = "cuda"))]
 use std::sync::OnceLock;
 
 pub const WORKERS: usize = 2;
 
+/// A device whose tensors the workers may share: any CPU device; with the
+/// `cuda` feature any device (the work then stays on one thread).
+#[cfg(not(feature = "cuda"))]
+pub trait WorkerDevice: dfdx::tensor_ops::Device<f32> + Send + Sync {}
+#[cfg(not(feature = "cuda"))]
+impl<D: dfdx::tensor_ops::Device<f32> + Send + Sync> WorkerDevice for D {}
+#[cfg(feature = "cuda")]
+pub trait WorkerDevice: dfdx::tensor_ops::Device<f32> {}
+#[cfg(feature = "cuda")]
+impl<D: dfdx::tensor_ops::Device<f32>> WorkerDevice for D {}
+
 /// One single-threaded rayon pool per worker: inside it dfdx asks rayon for
 /// its thread count and gets 1.
+#[cfg(not(feature = "cuda"))]
 fn pools() -> &'static [rayon::ThreadPool] {
     static POOLS: OnceLock<Vec<rayon::ThreadPool>> = OnceLock::new();
     POOLS.get_or_init(|| {
@@ -30,6 +48,7 @@ fn pools() -> &'static [rayon::ThreadPool] {
 }
 
 /// `f(i, item)` for every item, item i on worker i % WORKERS; results in order.
+#[cfg(not(feature = "cuda"))]
 pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(usize, &T) -> R + Sync) -> Vec<R> {
     let f = &f;
     let mut out: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
@@ -64,6 +83,7 @@ pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(usize, &T) -> R + Sync) -> 
 
 /// `f(index, chunk)` for each `size`-long chunk of `items` (the last may be
 /// shorter), spread over the workers, results in chunk order.
+#[cfg(not(feature = "cuda"))]
 pub fn map_chunks<T: Sync, R: Send>(
     items: &[T],
     size: usize,
@@ -74,6 +94,7 @@ pub fn map_chunks<T: Sync, R: Send>(
 }
 
 /// `a()` and `b()` at once, on the two workers.
+#[cfg(not(feature = "cuda"))]
 pub fn join<A: Send, B: Send>(
     a: impl FnOnce() -> A + Send,
     b: impl FnOnce() -> B + Send,
@@ -89,6 +110,28 @@ pub fn join<A: Send, B: Send>(
             hb.join().expect("a worker panicked"),
         )
     })
+}
+
+/// On CUDA: `f(i, item)` for every item, in order, on this thread.
+#[cfg(feature = "cuda")]
+pub fn map<T, R>(items: &[T], f: impl Fn(usize, &T) -> R) -> Vec<R> {
+    items.iter().enumerate().map(|(i, x)| f(i, x)).collect()
+}
+
+/// On CUDA: `f(index, chunk)` for each chunk, in order, on this thread.
+#[cfg(feature = "cuda")]
+pub fn map_chunks<T, R>(items: &[T], size: usize, f: impl Fn(usize, &[T]) -> R) -> Vec<R> {
+    items
+        .chunks(size.max(1))
+        .enumerate()
+        .map(|(i, c)| f(i, c))
+        .collect()
+}
+
+/// On CUDA: `a()` then `b()` on this thread.
+#[cfg(feature = "cuda")]
+pub fn join<A, B>(a: impl FnOnce() -> A, b: impl FnOnce() -> B) -> (A, B) {
+    (a(), b())
 }
 
 #[cfg(test)]

@@ -48,6 +48,17 @@ pub struct StepLoss<D: Device<f32>> {
     pub extras: Vec<(&'static str, f64)>,
 }
 
+/// `Sync` where the workers run closures on two threads (the CPU); any
+/// closure with the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub trait SyncOnCpu: Sync {}
+#[cfg(not(feature = "cuda"))]
+impl<T: Sync> SyncOnCpu for T {}
+#[cfg(feature = "cuda")]
+pub trait SyncOnCpu {}
+#[cfg(feature = "cuda")]
+impl<T> SyncOnCpu for T {}
+
 /// One part's gradients, loss value and statistics.
 type PartResult<D> = (
     Vec<Matrix<f32, D>>,
@@ -70,14 +81,14 @@ pub fn fit<D>(
     params: &mut LlamaParams<f32, D>,
     s: &TrainSettings,
     mut draw: impl FnMut() -> Vec<usize>,
-    loss: impl Fn(&LlamaParams<f32, D>, &[usize]) -> Result<StepLoss<D>, TrainError> + Sync,
+    loss: impl Fn(&LlamaParams<f32, D>, &[usize]) -> Result<StepLoss<D>, TrainError> + SyncOnCpu,
     mut eval: impl FnMut(&LlamaParams<f32, D>) -> Result<Vec<(&'static str, f64)>, TrainError>,
     mut checkpoint: impl FnMut(&LlamaParams<f32, D>, usize) -> Result<(), TrainError>,
     log: &mut MetricsLog,
     progress: &ProgressBar,
 ) -> Result<(), TrainError>
 where
-    D: Device<f32> + Send + Sync,
+    D: workers::WorkerDevice,
 {
     let mut opt = AdamW::new(params);
     progress.set_length(s.steps as u64);
