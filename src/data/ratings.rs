@@ -174,8 +174,9 @@ impl Raters {
 }
 
 /// Pairwise agreement: over the pairs of answers to one prompt that two
-/// raters both rated, the share where both order them the same way (a tie
-/// in either counts as disagreement).
+/// raters both rated and both rated differently, the share where they
+/// order them the same way (a tie expresses no preference and is left out,
+/// as agreement between preference labelers is counted).
 pub fn agreement(ratings: &[Rating]) -> f64 {
     // prompt -> rater -> response -> rating
     let mut by: BTreeMap<&str, BTreeMap<&str, BTreeMap<&str, f64>>> = BTreeMap::new();
@@ -197,8 +198,11 @@ pub fn agreement(ratings: &[Rating]) -> f64 {
                     .collect();
                 for (j, (ax, ay)) in shared.iter().enumerate() {
                     for (bx, by) in &shared[j + 1..] {
-                        total += 1;
-                        agree += usize::from((ax - bx) * (ay - by) > 0.0);
+                        let (dx, dy) = (ax - bx, ay - by);
+                        if dx != 0.0 && dy != 0.0 {
+                            total += 1;
+                            agree += usize::from(dx * dy > 0.0);
+                        }
                     }
                 }
             }
@@ -247,7 +251,8 @@ mod tests {
 
     #[test]
     fn agreement_counts_same_order_pairs() {
-        // x: a > b; y: a > b (agree); z: b > a (disagrees with both).
+        // x: a > b; y: a > b (agree); z: b > a (disagrees with both); w
+        // ties a and b: no preference, left out.
         let rs = [
             r("q", "a", 6.0, "x"),
             r("q", "b", 2.0, "x"),
@@ -255,6 +260,8 @@ mod tests {
             r("q", "b", 4.0, "y"),
             r("q", "a", 3.0, "z"),
             r("q", "b", 4.0, "z"),
+            r("q", "a", 4.0, "w"),
+            r("q", "b", 4.0, "w"),
         ];
         assert!((agreement(&rs) - 1.0 / 3.0).abs() < 1e-12);
     }

@@ -278,7 +278,7 @@ impl StageKind for KtoSettings {
         };
         let n_d = data.desirable.iter().filter(|d| **d).count();
         if let Some(w) = kto::balance_warning(&cfg, n_d, data.desirable.len() - n_d) {
-            ctx.progress.println(format!("warning: stage kto: {w}"));
+            ctx.progress.suspend(|| eprintln!("warning: {w}"));
         }
         let reference = ctx.stage_dir(self.reference.as_ref().unwrap_or(&self.from))?;
         ctx.progress.set_message("reference log-probs");

@@ -78,7 +78,8 @@ fn default_bias() -> f64 {
 
 impl StageKind for RateSettings {
     const KIND: &'static str = "rate";
-    const RECIPE_VERSION: u32 = 1;
+    // 2: agreement leaves ties out.
+    const RECIPE_VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "1-7 ratings of answers by simulated raters, and comparisons from them";
 
