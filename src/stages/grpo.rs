@@ -332,14 +332,14 @@ impl StageKind for GrpoSettings {
             ));
         }
         if let Some(h) = self.epsilon_high {
-            if !(h >= 0.0) {
+            if !h.is_finite() || h < 0.0 {
                 return Err((
                     "epsilon_high".into(),
                     format!("must be at least 0, got {h}"),
                 ));
             }
         }
-        if !(self.beta >= 0.0) {
+        if !self.beta.is_finite() || self.beta < 0.0 {
             return Err((
                 "beta".into(),
                 format!("must be at least 0, got {}", self.beta),

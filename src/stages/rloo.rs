@@ -129,7 +129,7 @@ impl StageKind for RlooSettings {
                 format!("must be in [0, 1), got {}", self.epsilon),
             ));
         }
-        if !(self.beta >= 0.0) {
+        if !self.beta.is_finite() || self.beta < 0.0 {
             return Err((
                 "beta".into(),
                 format!("must be at least 0, got {}", self.beta),

@@ -89,7 +89,7 @@ impl StageKind for SimpoSettings {
                 format!("must be positive, got {}", self.beta),
             ));
         }
-        if !self.gamma.is_finite() || !(self.sft_weight >= 0.0) {
+        if !self.gamma.is_finite() || !self.sft_weight.is_finite() || self.sft_weight < 0.0 {
             return Err((
                 "gamma".into(),
                 "`gamma` must be finite and `sft_weight` at least 0".into(),
