@@ -9,6 +9,49 @@ pub struct TestProject {
     pub dir: tempfile::TempDir,
 }
 
+/// world -> tokenizer -> base (pretrain) -> sft -> rm (reward), as small as
+/// keeps SFT answering in turn and the reward model ranking above chance.
+pub const PREFERENCE_BASE: &str = r#"[experiment]
+seed = 1
+
+[stages.world]
+kind = "synth"
+corpus_docs = 1000
+demonstrations = 400
+comparisons = 400
+rankings = 5
+prompts_train = 40
+prompts_test = 8
+
+[stages.tokenizer]
+kind = "tokenizer"
+corpus = { stage = "world", file = "corpus.parquet" }
+vocab_size = 300
+
+[stages.base]
+kind = "pretrain"
+tokenizer = "tokenizer"
+corpus = { stage = "world", file = "corpus.parquet" }
+seq_len = 32
+eval_fraction = 0.1
+model = { hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 4, num_key_value_heads = 2, intermediate_size = 64 }
+train = { steps = 150, batch_size = 8, lr = 5e-3, warmup_steps = 10, eval_every = 0 }
+
+[stages.sft]
+kind = "sft"
+from = "base"
+data = { stage = "world", file = "demonstrations.parquet" }
+max_len = 64
+train = { steps = 80, batch_size = 8, lr = 5e-3, warmup_steps = 5, eval_every = 0 }
+
+[stages.rm]
+kind = "reward"
+from = "sft"
+data = { stage = "world", file = "comparisons.parquet" }
+max_len = 64
+train = { steps = 100, batch_size = 12, lr = 2e-3, warmup_steps = 5, eval_every = 0 }
+"#;
+
 /// Small sizes so a synth stage takes milliseconds.
 pub const SMALL_WORLD: &str = "corpus_docs = 300
 demonstrations = 50
