@@ -312,3 +312,89 @@ pub fn gguf_metadata(dir: &std::path::Path) -> Result<Vec<(String, Value)>, Chat
     }
     Ok(m)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{write, GgmlType, WriteTensor};
+
+    fn file_with(meta: Vec<(String, Value)>) -> (tempfile::TempDir, GgufFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vocab.gguf");
+        let values = [0f32; 32];
+        let t = WriteTensor {
+            name: "token_embd.weight".into(),
+            shape: vec![1, 32],
+            values: &values,
+            kind: GgmlType::F32,
+        };
+        write(&path, &meta, &[t]).unwrap();
+        let f = GgufFile::open(&path).unwrap();
+        (dir, f)
+    }
+
+    fn strs(v: &[&str]) -> Value {
+        Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect())
+    }
+
+    #[test]
+    fn a_byte_level_vocabulary_becomes_a_working_tokenizer() {
+        let (_d, f) = file_with(vec![
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+            (
+                "tokenizer.ggml.tokens".into(),
+                strs(&["<|im_end|>", "h", "i", "hi", "Ġ", "Ġhi"]),
+            ),
+            (
+                "tokenizer.ggml.token_type".into(),
+                Value::Array(vec![
+                    Value::I32(3),
+                    Value::I32(1),
+                    Value::I32(1),
+                    Value::I32(1),
+                    Value::I32(1),
+                    Value::I32(1),
+                ]),
+            ),
+            ("tokenizer.ggml.merges".into(), strs(&["h i", "Ġ hi"])),
+            ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
+        ]);
+        let json = tokenizer_json(&f).unwrap();
+        let tok = tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap();
+        let ids = tok
+            .encode("hi hi<|im_end|>", false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(ids, [3, 5, 0]); // merges applied, the control token kept whole
+        assert_eq!(tok.decode(&ids, false).unwrap(), "hi hi<|im_end|>");
+        let fmt = chat_format(&f).unwrap();
+        assert_eq!(fmt.eos_token.as_deref(), Some("<|im_end|>"));
+    }
+
+    #[test]
+    fn other_tokenizer_models_and_splits_are_refused_by_name() {
+        let (_d, f) = file_with(vec![(
+            "tokenizer.ggml.model".into(),
+            Value::String("llama".into()),
+        )]);
+        let e = tokenizer_json(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("vocab.gguf") && e.contains("`tokenizer.ggml.model` is \"llama\""),
+            "{e}"
+        );
+        let (_d, f) = file_with(vec![
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            (
+                "tokenizer.ggml.pre".into(),
+                Value::String("deepseek-coder".into()),
+            ),
+        ]);
+        let e = tokenizer_json(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("`tokenizer.ggml.pre` is \"deepseek-coder\""),
+            "{e}"
+        );
+    }
+}
