@@ -59,3 +59,10 @@ impl ChatError {
         }
     }
 }
+
+impl From<template::TemplateError> for ChatError {
+    /// A template's errors already name their origin.
+    fn from(e: template::TemplateError) -> ChatError {
+        ChatError::new(PathBuf::new(), e.to_string())
+    }
+}

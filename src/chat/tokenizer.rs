@@ -93,9 +93,7 @@ impl LoadedTokenizer {
     pub fn render_prompt(&self, messages: &[Message]) -> Result<String, ChatError> {
         match &self.template {
             Template::Builtin => Ok(builtin::render_prompt(messages)),
-            Template::Jinja(t) => t
-                .render(messages, true)
-                .map_err(|e| ChatError::new(PathBuf::new(), e.to_string())),
+            Template::Jinja(t) => t.render(messages, true).map_err(ChatError::from),
         }
     }
 
@@ -114,7 +112,7 @@ impl LoadedTokenizer {
             )),
             Template::Jinja(t) => t
                 .prompt_and_response(prompt, response)
-                .map_err(|e| ChatError::new(PathBuf::new(), e.to_string())),
+                .map_err(ChatError::from),
         }
     }
 
@@ -128,9 +126,7 @@ impl LoadedTokenizer {
     ) -> Result<(Vec<u32>, Vec<bool>), ChatError> {
         let (text, spans) = match &self.template {
             Template::Builtin => builtin::assistant_spans(messages),
-            Template::Jinja(t) => t
-                .assistant_spans(messages)
-                .map_err(|e| ChatError::new(PathBuf::new(), e.to_string()))?,
+            Template::Jinja(t) => t.assistant_spans(messages).map_err(ChatError::from)?,
         };
         let enc = self
             .tokenizer
@@ -394,7 +390,7 @@ fn jinja_format(
         &eos,
         end_of_turn.clone(),
     )
-    .map_err(|e| ChatError::new(PathBuf::new(), e.to_string()))?;
+    .map_err(ChatError::from)?;
     // The end-of-turn token first: it is how a chat answer ends.
     let mut stops: Vec<u32> = Vec::new();
     let named = end_of_turn.iter().chain(folder.eos_token.iter());

@@ -212,9 +212,9 @@ impl Imported {
         })
     }
 
-    pub fn from_gguf(path: &Path) -> Result<Imported, CheckpointError> {
+    pub fn from_gguf(file: &crate::gguf::GgufFile) -> Result<Imported, CheckpointError> {
         Ok(Imported {
-            params: super::gguf_checkpoint::load(path, &crate::model::Dev::default())?,
+            params: super::gguf_checkpoint::load_file(file, &crate::model::Dev::default())?,
         })
     }
 

@@ -256,8 +256,16 @@ fn permuted_heads(cfg: &LlamaConfig, hf: &str) -> Option<usize> {
 /// Load a GGUF file: every tensor dequantized to f32 and back in Hugging
 /// Face's layout, checked against the config its metadata gives.
 pub fn load<D: Device<f32>>(path: &Path, dev: &D) -> Result<LlamaParams<f32, D>, CheckpointError> {
-    let file = GgufFile::open(path)?;
-    let cfg = config_of(&file)?;
+    load_file(&GgufFile::open(path)?, dev)
+}
+
+/// [`load`] of a file already opened (its header read once).
+pub fn load_file<D: Device<f32>>(
+    file: &GgufFile,
+    dev: &D,
+) -> Result<LlamaParams<f32, D>, CheckpointError> {
+    let path = &file.path;
+    let cfg = config_of(file)?;
     let expected = expected_shapes(&cfg, false);
     let mut problems = Vec::new();
     for t in &file.tensors {

@@ -241,30 +241,28 @@ impl StageKind for LabelSettings {
                 None => golds.clone(),
             };
             for (a, b) in candidate_pairs(&scores, &texts[i * k..(i + 1) * k], self.pairs) {
-                {
-                    if (scores[a] - scores[b]).abs() < 1e-9 {
-                        continue; // the labeler has no preference
-                    }
-                    if texts[i * k + a].trim().is_empty() || texts[i * k + b].trim().is_empty() {
-                        // An empty answer (the end token first) is no
-                        // text to compare; comparison readers refuse it.
-                        skipped_empty += 1;
-                        continue;
-                    }
-                    let flip = rng.chance(self.label_noise);
-                    let (w, l) = if (scores[a] > scores[b]) != flip {
-                        (a, b)
-                    } else {
-                        (b, a)
-                    };
-                    out.prompt.push(question.clone());
-                    out.chosen.push(texts[i * k + w].clone());
-                    out.rejected.push(texts[i * k + l].clone());
-                    out.category.push(category.clone());
-                    out.chosen_gold.push(golds[w]);
-                    out.rejected_gold.push(golds[l]);
-                    out.flipped.push(flip);
+                if (scores[a] - scores[b]).abs() < 1e-9 {
+                    continue; // the labeler has no preference
                 }
+                if texts[i * k + a].trim().is_empty() || texts[i * k + b].trim().is_empty() {
+                    // An empty answer (the end token first) is no
+                    // text to compare; comparison readers refuse it.
+                    skipped_empty += 1;
+                    continue;
+                }
+                let flip = rng.chance(self.label_noise);
+                let (w, l) = if (scores[a] > scores[b]) != flip {
+                    (a, b)
+                } else {
+                    (b, a)
+                };
+                out.prompt.push(question.clone());
+                out.chosen.push(texts[i * k + w].clone());
+                out.rejected.push(texts[i * k + l].clone());
+                out.category.push(category.clone());
+                out.chosen_gold.push(golds[w]);
+                out.rejected_gold.push(golds[l]);
+                out.flipped.push(flip);
             }
         }
         let labeled = out.prompt.len();

@@ -107,8 +107,8 @@ fn read_folder(src: &Path) -> Result<Loaded, StageError> {
 }
 
 fn read_gguf(src: &Path) -> Result<Loaded, StageError> {
-    let params = Imported::from_gguf(src)?;
     let file = GgufFile::open(src).map_err(|e| StageError::Failed(e.to_string()))?;
+    let params = Imported::from_gguf(&file)?;
     let json = gguf_vocab::tokenizer_json(&file)?;
     let format = gguf_vocab::chat_format(&file)?;
     Ok((params, format, json))

@@ -42,7 +42,8 @@ pub struct DpoConfig {
     pub pad: usize,
 }
 
-fn logprobs<T: Tape<f32, Dev> + Merge<T> + Merge<NoneTape>>(
+/// Sequence log-probs of some rows of `ex` (response tokens only).
+pub(crate) fn logprobs<T: Tape<f32, Dev> + Merge<T> + Merge<NoneTape>>(
     params: &LlamaParams<f32, Dev>,
     ex: &LmExamples,
     rows: &[usize],

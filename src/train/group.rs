@@ -169,7 +169,7 @@ pub fn token_weights(
 type V<T> = Tensor<(usize,), f32, Dev, T>;
 
 fn constant(v: &[f32]) -> V<NoneTape> {
-    Dev::default().tensor_from_vec(v.to_vec(), (v.len(),))
+    super::preference::constant(&Dev::default(), v)
 }
 
 /// GRPO's clipped surrogate plus `beta` k3 per token, weighted and summed.
@@ -255,7 +255,8 @@ pub fn train(
     let dev = Dev::default();
     let mut policy = checkpoint::load(models.policy, &dev)?;
     let reference = match models.reference {
-        Some(r) if needs_reference(cfg) => Some(checkpoint::load(r, &dev)?),
+        // The KL term is the reference's only use.
+        Some(r) if cfg.beta > 0.0 => Some(checkpoint::load(r, &dev)?),
         _ => None,
     };
     let reward = match models.reward {
@@ -347,21 +348,15 @@ pub fn train(
             .zip(&rm)
             .map(|(v, r)| v + cfg.reward_model_weight * r)
             .collect();
-        let kl1: Vec<f64> = match &refs {
+        // Per-sequence k1 (RLOO's reward) and k3 (logged) in one pass.
+        let sum = |v: Vec<f32>| v.into_iter().map(f64::from).sum::<f64>();
+        let (kl1, kl3): (Vec<f64>, Vec<f64>) = match &refs {
             Some(r) => old
                 .iter()
                 .zip(r)
-                .map(|(p, q)| kl_k1(p, q).iter().map(|x| f64::from(*x)).sum())
-                .collect(),
-            None => vec![0.0; n],
-        };
-        let kl3: Vec<f64> = match &refs {
-            Some(r) => old
-                .iter()
-                .zip(r)
-                .map(|(p, q)| kl_k3(p, q).iter().map(|x| f64::from(*x)).sum())
-                .collect(),
-            None => vec![0.0; n],
+                .map(|(p, q)| (sum(kl_k1(p, q)), sum(kl_k3(p, q))))
+                .unzip(),
+            None => (vec![0.0; n], vec![0.0; n]),
         };
         let raw_mean = rewards.iter().sum::<f64>() / n as f64;
         let raw_std = (rewards.iter().map(|r| (r - raw_mean).powi(2)).sum::<f64>()
@@ -487,11 +482,6 @@ pub fn train(
         progress.set_message(format!("reward {raw_mean:.3} kl {:.3}", mean(&kl3)));
     }
     super::finish(&policy, log, out)
-}
-
-/// Whether the reference model is used at all.
-fn needs_reference(cfg: &GroupConfig) -> bool {
-    cfg.beta > 0.0
 }
 
 #[cfg(test)]

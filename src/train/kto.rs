@@ -19,11 +19,10 @@ use std::path::Path;
 use dfdx::prelude::*;
 use indicatif::ProgressBar;
 
-use super::causal_lm::{batch_of, LmExamples};
-use super::dpo::PairExamples;
+use super::causal_lm::LmExamples;
+use super::dpo::{logprobs, PairExamples};
 use super::metrics::MetricsLog;
 use super::optim::TrainSettings;
-use super::preference::sequence_logprobs;
 use super::{fit, StepLoss, TrainError};
 use crate::data::rng::Rng;
 use crate::model::{checkpoint, workers, Dev, LlamaParams};
@@ -48,18 +47,7 @@ pub struct KtoConfig {
 type V<T> = Tensor<(usize,), f32, Dev, T>;
 
 fn constant(v: &[f32]) -> V<NoneTape> {
-    Dev::default().tensor_from_vec(v.to_vec(), (v.len(),))
-}
-
-fn logprobs<T: Tape<f32, Dev> + Merge<T> + Merge<NoneTape>>(
-    params: &LlamaParams<f32, Dev>,
-    ex: &LmExamples,
-    rows: &[usize],
-    pad: usize,
-    tape: T,
-) -> V<T> {
-    let (batch, weights) = batch_of(ex, rows, pad);
-    sequence_logprobs(params, &batch, &weights, tape)
+    super::preference::constant(&Dev::default(), v)
 }
 
 /// Sequence log-probs of every example of `ex`, spread over the workers.
@@ -91,16 +79,20 @@ pub fn reference_logprobs(
     ))
 }
 
-/// The reference point: the mean log-ratio of mismatched pairs, at least 0.
-pub fn z0(policy_mismatched: &[f32], reference_mismatched: &[f32]) -> f64 {
+/// The mean log-ratio of mismatched pairs (KTO's KL estimate).
+pub fn mismatched_kl(policy_mismatched: &[f32], reference_mismatched: &[f32]) -> f64 {
     let n = policy_mismatched.len().max(1) as f64;
-    let mean = policy_mismatched
+    policy_mismatched
         .iter()
         .zip(reference_mismatched)
         .map(|(p, r)| f64::from(p - r))
         .sum::<f64>()
-        / n;
-    mean.max(0.0)
+        / n
+}
+
+/// The reference point: the mismatched pairs' KL estimate, at least 0.
+pub fn z0(policy_mismatched: &[f32], reference_mismatched: &[f32]) -> f64 {
+    mismatched_kl(policy_mismatched, reference_mismatched).max(0.0)
 }
 
 /// KTO's loss of a batch given its log-ratios' policy part `lp` (taped),

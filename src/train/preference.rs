@@ -25,12 +25,13 @@ use crate::model::LlamaParams;
 type Vector<D, T> = Tensor<(usize,), f32, D, T>;
 type Scalar<D, T> = Tensor<(), f32, D, T>;
 
-fn constant<D: Device<f32>>(dev: &D, values: &[f32]) -> Vector<D, NoneTape> {
+/// A constant vector (no tape) on `dev`.
+pub(crate) fn constant<D: Device<f32>>(dev: &D, values: &[f32]) -> Vector<D, NoneTape> {
     dev.tensor_from_vec(values.to_vec(), (values.len(),))
 }
 
 /// `-log sigmoid(x)` element-wise, computed stably.
-fn neg_log_sigmoid<D: Device<f32>, T: Tape<f32, D> + Merge<NoneTape>>(
+pub(crate) fn neg_log_sigmoid<D: Device<f32>, T: Tape<f32, D> + Merge<NoneTape>>(
     x: Vector<D, T>,
 ) -> Vector<D, T> {
     let ones = x.device().ones_like(x.shape());

@@ -48,14 +48,10 @@ type V<T> = Tensor<(usize,), f32, Dev, T>;
 type S<T> = Tensor<(), f32, Dev, T>;
 
 fn constant(v: &[f32]) -> V<NoneTape> {
-    Dev::default().tensor_from_vec(v.to_vec(), (v.len(),))
+    super::preference::constant(&Dev::default(), v)
 }
 
-/// `-log sigmoid(x)`, stably.
-fn neg_log_sigmoid<T: Tape<f32, Dev> + Merge<NoneTape>>(x: V<T>) -> V<T> {
-    let ones = x.device().ones_like(x.shape());
-    x.bce_with_logits(ones)
-}
+use super::preference::neg_log_sigmoid;
 
 /// `log(1 - e^lp)` for lp < 0, kept finite as lp approaches 0.
 fn log1m_exp<T: Tape<f32, Dev> + Merge<NoneTape>>(lp: V<T>) -> V<T> {
