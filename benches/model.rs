@@ -127,6 +127,7 @@ fn train_throughput(cfg: LlamaConfig, seq: usize, batch: usize, steps: usize) ->
             &s,
             0,
             dir.path(),
+            &posttrain::train::resume::Checkpoints::disabled(),
             &indicatif::ProgressBar::hidden(),
         )
         .unwrap();

@@ -17,6 +17,16 @@ impl Rng {
         Rng::new(u64::from_le_bytes(bytes))
     }
 
+    /// The generator's whole state, to continue the same stream later.
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+
+    /// A generator that continues from a saved [`Rng::state`].
+    pub fn from_state(state: u64) -> Self {
+        Rng(state)
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

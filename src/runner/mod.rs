@@ -315,6 +315,19 @@ fn build(
     }
     let started = crate::time::unix_now();
     let clock = Instant::now();
+    let resume_dir = project.store.resume_dir(key);
+    if options.force.contains(name) {
+        // A forced rebuild starts from scratch.
+        let _ = std::fs::remove_dir_all(&resume_dir);
+    } else if resume_dir.join("LATEST").exists() && !options.quiet {
+        progress.suspend(|| {
+            eprintln!(
+                "{:>12} {name} from its last snapshot in {}",
+                "Resuming",
+                resume_dir.display()
+            )
+        });
+    }
     let ctx = StageContext {
         stage: name,
         root: &project.root,
@@ -323,6 +336,7 @@ fn build(
         cache_dir: &project.store.cache_dir(),
         upstream: entries,
         progress: &progress,
+        resume_dir: Some(&resume_dir),
     };
     let result = stage.settings.run(&ctx);
     progress.finish_and_clear();
@@ -349,6 +363,8 @@ fn build(
         .store
         .publish(staging, manifest)
         .map_err(store_err(format!("cannot publish {key}")))?;
+    // Published: the snapshots are no longer needed.
+    let _ = std::fs::remove_dir_all(&resume_dir);
     if !options.quiet {
         eprintln!("{:>12} {name} in {duration_s:.2}s", "Finished");
     }

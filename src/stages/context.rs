@@ -27,6 +27,9 @@ pub struct StageContext<'a> {
     pub upstream: &'a BTreeMap<String, PathBuf>,
     /// Progress display for the stage's long steps (hidden when not a TTY).
     pub progress: &'a ProgressBar,
+    /// Where a training stage keeps its resume snapshots (`STORE/.resume/<key>`;
+    /// not in the key, never published). `None`: no snapshots.
+    pub resume_dir: Option<&'a Path>,
 }
 
 impl StageContext<'_> {
@@ -67,6 +70,11 @@ impl StageContext<'_> {
         let path = self.input_path(source)?;
         let df = source.load(&path, self.seed)?;
         Ok((df, path))
+    }
+
+    /// Resume snapshots for a training loop (see `train::resume`).
+    pub fn checkpoints(&self) -> crate::train::resume::Checkpoints {
+        crate::train::resume::Checkpoints::new(self.resume_dir)
     }
 
     /// A path inside the stage's output folder.

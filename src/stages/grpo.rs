@@ -289,6 +289,7 @@ impl GroupRun<'_> {
             self.train,
             ctx.seed,
             ctx.out_dir,
+            &ctx.checkpoints(),
             ctx.progress,
         )?;
         copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;

@@ -114,10 +114,19 @@ macro_rules! stage_kinds {
                 match self { $(StageSettings::$variant(s) => s.outputs()),* }
             }
 
-            /// The fully resolved settings (defaults filled in) as JSON.
+            /// The fully resolved settings (defaults filled in) as JSON,
+            /// without the runtime-only ones (see [`RUNTIME_ONLY`]): what
+            /// the key hashes and the manifest shows.
             pub fn to_json(&self) -> serde_json::Value {
                 let value = match self { $(StageSettings::$variant(s) => serde_json::to_value(s)),* };
-                value.expect("stage settings always serialize to JSON")
+                let mut value = value.expect("stage settings always serialize to JSON");
+                for pointer in RUNTIME_ONLY {
+                    let (parent, field) = pointer.rsplit_once('/').expect("a JSON pointer");
+                    if let Some(serde_json::Value::Object(map)) = value.pointer_mut(parent) {
+                        map.remove(field);
+                    }
+                }
+                value
             }
 
             pub fn run(&self, ctx: &StageContext) -> Result<Metrics, StageError> {
@@ -147,6 +156,10 @@ stage_kinds! {
     BestOfN => best_of_n::BestOfNSettings,
     Eval => eval::EvalSettings,
 }
+
+/// Settings that change how a stage runs but not what it computes: left
+/// out of the key (JSON pointers into the settings).
+pub const RUNTIME_ONLY: &[&str] = &["/train/checkpoint_every"];
 
 /// Final metrics of a stage, by name.
 pub type MetricMap = BTreeMap<String, f64>;

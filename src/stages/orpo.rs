@@ -93,6 +93,7 @@ pub(super) fn run_reference_free(
         train,
         ctx.seed,
         ctx.out_dir,
+        &ctx.checkpoints(),
         ctx.progress,
     )?;
     copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;

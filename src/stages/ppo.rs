@@ -285,6 +285,7 @@ impl StageKind for PpoSettings {
             &self.train,
             ctx.seed,
             ctx.out_dir,
+            &ctx.checkpoints(),
             ctx.progress,
         )?;
         copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;

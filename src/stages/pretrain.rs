@@ -176,6 +176,7 @@ impl StageKind for PretrainSettings {
             &self.train,
             ctx.seed,
             ctx.out_dir,
+            &ctx.checkpoints(),
             ctx.progress,
         )?;
         copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;

@@ -134,6 +134,7 @@ impl StageKind for RewardSettings {
             &self.train,
             ctx.seed,
             ctx.out_dir,
+            &ctx.checkpoints(),
             ctx.progress,
         )?;
         copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;

@@ -97,6 +97,7 @@ impl StageKind for SftSettings {
             &self.train,
             ctx.seed,
             ctx.out_dir,
+            &ctx.checkpoints(),
             ctx.progress,
         )?;
         copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;

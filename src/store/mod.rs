@@ -9,6 +9,7 @@
 //! <key>/...             whole folder is renamed into place
 //! .tmp/<key>.<pid>.<n>/ entries being built (or left by a killed run)
 //! .locks/<key>.lock     held while a key is built
+//! .resume/<key>/        resume snapshots of a training stage being built
 //! .state/hashes.json    dataset hash cache (see plan::hash)
 //! .cache/tokens/        tokenized datasets (see data::tokenize)
 //! ```
@@ -67,6 +68,12 @@ impl Store {
     /// Content-keyed caches shared by stages (tokenized datasets).
     pub fn cache_dir(&self) -> PathBuf {
         self.dir.join(".cache")
+    }
+
+    /// Resume snapshots of a key's training stage (see `train::resume`):
+    /// kept until the key is published, never an entry.
+    pub fn resume_dir(&self, key: &str) -> PathBuf {
+        self.dir.join(".resume").join(key)
     }
 
     fn locks_dir(&self) -> PathBuf {
@@ -190,6 +197,28 @@ impl Store {
                 };
                 report.bytes += dir_size(&path);
                 report.temporary.push(name);
+                if !dry_run {
+                    std::fs::remove_dir_all(&path)?;
+                }
+            }
+        }
+        // Resume snapshots of keys no experiment needs any more.
+        if let Ok(read) = std::fs::read_dir(self.dir.join(".resume")) {
+            for entry in read {
+                let path = entry?.path();
+                let key = path
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                if keep.contains(&key) {
+                    continue;
+                }
+                let Some(_lock) = lock::try_lock_key(&self.locks_dir(), &key)? else {
+                    continue;
+                };
+                report.bytes += dir_size(&path);
+                report.temporary.push(format!(".resume/{key}"));
                 if !dry_run {
                     std::fs::remove_dir_all(&path)?;
                 }

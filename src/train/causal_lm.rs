@@ -10,6 +10,7 @@ use indicatif::ProgressBar;
 
 use super::losses::lm_loss;
 use super::metrics::MetricsLog;
+use super::resume::Checkpoints;
 use super::optim::TrainSettings;
 use super::{fit, StepLoss, TrainError};
 use crate::data::rng::Rng;
@@ -107,6 +108,7 @@ pub fn train(
     s: &TrainSettings,
     seed: u64,
     out: &Path,
+    ckpt: &Checkpoints,
     progress: &ProgressBar,
 ) -> Result<Metrics, TrainError> {
     let (train_data, eval_data, pad) = (data.train, data.eval, data.pad);
@@ -151,7 +153,7 @@ pub fn train(
                 None => Vec::new(),
             })
         },
-        |p, step| super::save_checkpoint(p, out, step),
+        ckpt,
         &mut log,
         progress,
     )?;

@@ -10,6 +10,7 @@ use indicatif::ProgressBar;
 
 use super::causal_lm::{batch_of, LmExamples};
 use super::metrics::MetricsLog;
+use super::resume::Checkpoints;
 use super::optim::TrainSettings;
 use super::preference::{dpo_loss, sequence_logprobs, DpoLoss};
 use super::{fit, StepLoss, TrainError};
@@ -141,6 +142,7 @@ pub fn train(
     s: &TrainSettings,
     seed: u64,
     out: &Path,
+    ckpt: &Checkpoints,
     progress: &ProgressBar,
 ) -> Result<Metrics, TrainError> {
     let mut params = checkpoint::load(init, &Dev::default())?;
@@ -218,7 +220,7 @@ pub fn train(
             out.extend(reward_stats("eval", cfg.beta, &pc, &pr, rc, rr));
             Ok(out)
         },
-        |p, step| super::save_checkpoint(p, out, step),
+        ckpt,
         &mut log,
         progress,
     )?;

@@ -30,6 +30,7 @@ use dfdx::prelude::*;
 use indicatif::ProgressBar;
 
 use super::metrics::MetricsLog;
+use super::resume::{Checkpoints, LoopState, Restore, Trained};
 use super::optim::{AdamW, TrainSettings};
 use super::preference::{kl_k1, kl_k3};
 use super::rollout::{self, gather_rows, logprobs_and_entropy, pick, sub_batch};
@@ -250,6 +251,7 @@ pub fn train(
     s: &TrainSettings,
     seed: u64,
     out: &Path,
+    ckpt: &Checkpoints,
     progress: &ProgressBar,
 ) -> Result<Metrics, TrainError> {
     let dev = Dev::default();
@@ -286,7 +288,22 @@ pub fn train(
     let mut order: Vec<usize> = Vec::new();
     let g = cfg.group_size;
     progress.set_length(s.steps as u64);
-    for it in 0..s.steps {
+    let mut start = 0;
+    let restore = &mut [Restore {
+        name: "policy",
+        params: &mut policy,
+        opt: &mut opt,
+    }];
+    if let Some(resumed) = ckpt.load(restore, &mut log)? {
+        start = resumed.step;
+        rng = Rng::from_state(resumed.state.ints["rng"]);
+        order = resumed.state.lists["order"]
+            .iter()
+            .map(|i| *i as usize)
+            .collect();
+        progress.set_position(start as u64);
+    }
+    for it in start..s.steps {
         let clock = Instant::now();
         let lr = s.lr_at(it);
         // Prompts without replacement, reshuffled each pass; each `g` times.
@@ -475,8 +492,17 @@ pub fn train(
                 value: raw_mean,
             });
         }
-        if s.checkpoint_every > 0 && (it + 1) % s.checkpoint_every == 0 && it + 1 < s.steps {
-            super::save_checkpoint(&policy, out, it + 1)?;
+        if ckpt.due(it + 1, s) {
+            let mut st = LoopState::default();
+            st.ints.insert("rng".into(), rng.state());
+            st.lists
+                .insert("order".into(), order.iter().map(|i| *i as u64).collect());
+            let models = [Trained {
+                name: "policy",
+                params: &policy,
+                opt: &opt,
+            }];
+            ckpt.save(it + 1, &models, &st, &log)?;
         }
         progress.set_position(it as u64 + 1);
         progress.set_message(format!("reward {raw_mean:.3} kl {:.3}", mean(&kl3)));

@@ -22,6 +22,7 @@ use indicatif::ProgressBar;
 use super::causal_lm::LmExamples;
 use super::dpo::{logprobs, PairExamples};
 use super::metrics::MetricsLog;
+use super::resume::Checkpoints;
 use super::optim::TrainSettings;
 use super::{fit, StepLoss, TrainError};
 use crate::data::rng::Rng;
@@ -138,6 +139,7 @@ pub fn train(
     s: &TrainSettings,
     seed: u64,
     out: &Path,
+    ckpt: &Checkpoints,
     progress: &ProgressBar,
 ) -> Result<Metrics, TrainError> {
     let mut params = checkpoint::load(init, &Dev::default())?;
@@ -223,7 +225,7 @@ pub fn train(
                 ("eval_rewards/margins", margin),
             ])
         },
-        |p, step| super::save_checkpoint(p, out, step),
+        ckpt,
         &mut log,
         progress,
     )?;

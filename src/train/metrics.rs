@@ -16,6 +16,8 @@ pub struct MetricsLog {
     writer: Option<BatchedWriter<File>>,
     columns: Vec<String>,
     rows: Vec<BTreeMap<String, f64>>,
+    /// Every row logged so far (a resumed stage's checkpoint holds them).
+    history: Vec<BTreeMap<String, f64>>,
     flush_every: usize,
     /// The last value of every metric, for the stage's final metrics.
     pub last: BTreeMap<String, f64>,
@@ -29,6 +31,7 @@ impl MetricsLog {
             writer: None,
             columns: columns.iter().map(|c| c.to_string()).collect(),
             rows: Vec::new(),
+            history: Vec::new(),
             flush_every: flush_every.max(1),
             last: BTreeMap::new(),
         }
@@ -42,9 +45,30 @@ impl MetricsLog {
             self.last.insert(k.clone(), *v);
         }
         row.insert("step".into(), step as f64);
+        self.history.push(row.clone());
         self.rows.push(row);
         if self.rows.len() >= self.flush_every {
             self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Every row logged so far, `step` included.
+    pub fn history(&self) -> &[BTreeMap<String, f64>] {
+        &self.history
+    }
+
+    /// Log saved rows again (a resumed stage): the file and the final
+    /// metrics come out as if they had been logged in this process.
+    pub fn replay(&mut self, rows: &[BTreeMap<String, f64>]) -> Result<(), DataError> {
+        for row in rows {
+            let step = row.get("step").copied().unwrap_or(0.0) as usize;
+            let values: Vec<(&str, f64)> = row
+                .iter()
+                .filter(|(k, _)| k.as_str() != "step")
+                .map(|(k, v)| (k.as_str(), *v))
+                .collect();
+            self.log(step, &values)?;
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ pub mod optim;
 pub mod ppo;
 pub mod preference;
 pub mod reference_free;
+pub mod resume;
 pub mod reward;
 pub mod rollout;
 
@@ -23,6 +24,7 @@ use crate::model::params::Matrix;
 use crate::model::{workers, LlamaParams};
 use metrics::MetricsLog;
 use optim::{global_norm, AdamW, TrainSettings};
+use resume::{Checkpoints, LoopState, Restore, Trained};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -36,6 +38,11 @@ pub enum TrainError {
     Data(#[from] crate::data::DataError),
     #[error(transparent)]
     Checkpoint(#[from] crate::model::checkpoint::CheckpointError),
+    #[error("resume snapshot {}: {message}", path.display())]
+    Resume {
+        path: std::path::PathBuf,
+        message: String,
+    },
 }
 
 /// The loss of some rows of a micro-batch with its tape: a mean over
@@ -75,7 +82,10 @@ type PartResult<D> = (
 ///   gradients are combined weighted by their `units`, which gives exactly
 ///   the gradient of the whole micro-batch's mean;
 /// - `eval(params)` returns held-out metrics, logged every `eval_every` steps and at the end;
-/// - `checkpoint(params, step)` is called every `checkpoint_every` steps.
+/// - `ckpt` saves the whole state now and then, and a build that starts
+///   again after a kill goes on from its newest snapshot: the sampler's
+///   draws of the steps already done are replayed (they only advance its
+///   RNG), so the data order continues exactly.
 #[allow(clippy::too_many_arguments)]
 pub fn fit<D>(
     params: &mut LlamaParams<f32, D>,
@@ -83,7 +93,7 @@ pub fn fit<D>(
     mut draw: impl FnMut() -> Vec<usize>,
     loss: impl Fn(&LlamaParams<f32, D>, &[usize]) -> Result<StepLoss<D>, TrainError> + SyncOnCpu,
     mut eval: impl FnMut(&LlamaParams<f32, D>) -> Result<Vec<(&'static str, f64)>, TrainError>,
-    mut checkpoint: impl FnMut(&LlamaParams<f32, D>, usize) -> Result<(), TrainError>,
+    ckpt: &Checkpoints,
     log: &mut MetricsLog,
     progress: &ProgressBar,
 ) -> Result<(), TrainError>
@@ -92,7 +102,20 @@ where
 {
     let mut opt = AdamW::new(params);
     progress.set_length(s.steps as u64);
-    for step in 0..s.steps {
+    let mut start = 0;
+    let restore = &mut [Restore {
+        name: "model",
+        params: &mut *params,
+        opt: &mut opt,
+    }];
+    if let Some(resumed) = ckpt.load(restore, log)? {
+        start = resumed.step;
+        for _ in 0..start * s.grad_accum {
+            draw();
+        }
+        progress.set_position(start as u64);
+    }
+    for step in start..s.steps {
         let clock = Instant::now();
         let lr = s.lr_at(step);
 
@@ -165,8 +188,13 @@ where
             row.extend(eval(params)?);
         }
         log.log(step + 1, &row)?;
-        if s.checkpoint_every > 0 && (step + 1) % s.checkpoint_every == 0 && !last {
-            checkpoint(params, step + 1)?;
+        if ckpt.due(step + 1, s) {
+            let models = [Trained {
+                name: "model",
+                params: &*params,
+                opt: &opt,
+            }];
+            ckpt.save(step + 1, &models, &LoopState::default(), log)?;
         }
         progress.set_position(step as u64 + 1);
         progress.set_message(format!("loss {loss_sum:.4}"));
@@ -216,18 +244,6 @@ pub(crate) fn clipped_step<D: Device<f32>>(
     };
     opt.update(params, grads, lr, s, clip);
     Ok(norm)
-}
-
-/// Save an intermediate checkpoint as `out/checkpoint-STEP/`.
-pub fn save_checkpoint<D: Device<f32>>(
-    params: &LlamaParams<f32, D>,
-    out: &std::path::Path,
-    step: usize,
-) -> Result<(), TrainError> {
-    Ok(crate::model::checkpoint::save(
-        params,
-        &out.join(format!("checkpoint-{step}")),
-    )?)
 }
 
 /// Save the final model into `out`, close the metrics log, and return the

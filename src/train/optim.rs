@@ -37,7 +37,8 @@ pub struct TrainSettings {
     pub max_grad_norm: f64,
     /// Evaluate held-out data every N steps (0 = only at the end). Default 50.
     pub eval_every: usize,
-    /// Save a checkpoint every N steps (0 = only the final model). Default 0.
+    /// Save a resume snapshot (the whole training state) every N steps;
+    /// 0 = every ten minutes. Not in the key (see `train::resume`). Default 0.
     pub checkpoint_every: usize,
 }
 
@@ -131,6 +132,19 @@ impl<D: Device<f32>> AdamW<D> {
             v: named.iter().map(|(_, t)| zeros(t)).collect(),
             step: 0,
         }
+    }
+
+    /// The first and second moments, in `params.named()` order.
+    pub fn moments(&self) -> (&[Matrix<f32, D>], &[Matrix<f32, D>]) {
+        (&self.m, &self.v)
+    }
+
+    /// Replace the moments (a resumed stage); shapes as [`AdamW::new`]'s.
+    pub fn set_moments(&mut self, m: Vec<Matrix<f32, D>>, v: Vec<Matrix<f32, D>>, step: usize) {
+        assert_eq!((m.len(), v.len()), (self.m.len(), self.v.len()));
+        self.m = m;
+        self.v = v;
+        self.step = step;
     }
 
     /// One update with gradients `grads` (same order as `params.named()`),

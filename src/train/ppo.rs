@@ -34,6 +34,7 @@ use indicatif::ProgressBar;
 use super::causal_lm::{batch_of, LmExamples};
 use super::losses::lm_loss;
 use super::metrics::MetricsLog;
+use super::resume::{Checkpoints, LoopState, Restore, Trained};
 use super::optim::{AdamW, TrainSettings};
 use super::preference::{gae, kl_k1, kl_k3, ppo_policy_loss, ppo_value_loss};
 use super::rollout::{self, gather_rows, logprobs_and_entropy, pick, sub_batch, Samples};
@@ -198,6 +199,7 @@ pub fn train(
     s: &TrainSettings,
     seed: u64,
     out: &Path,
+    ckpt: &Checkpoints,
     progress: &ProgressBar,
 ) -> Result<Metrics, TrainError> {
     let dev = Dev::default();
@@ -234,7 +236,28 @@ pub fn train(
     let mut order: Vec<usize> = Vec::new();
     let mut kl_coef = cfg.kl_coef;
     progress.set_length(s.steps as u64);
-    for it in 0..s.steps {
+    let mut start = 0;
+    let restore = &mut [
+        Restore {
+            name: "policy",
+            params: &mut policy,
+            opt: &mut policy_opt,
+        },
+        Restore {
+            name: "value",
+            params: &mut value,
+            opt: &mut value_opt,
+        },
+    ];
+    if let Some(resumed) = ckpt.load(restore, &mut log)? {
+        start = resumed.step;
+        let st = &resumed.state;
+        rng = Rng::from_state(st.ints["rng"]);
+        order = st.lists["order"].iter().map(|i| *i as usize).collect();
+        kl_coef = st.float("kl_coef").unwrap_or(kl_coef);
+        progress.set_position(start as u64);
+    }
+    for it in start..s.steps {
         let clock = Instant::now();
         let lr = s.lr_at(it);
         // Prompts without replacement, reshuffled each pass.
@@ -377,8 +400,25 @@ pub fn train(
         if let Some(target) = cfg.target_kl {
             kl_coef = adaptive_kl(kl_coef, kl1, target, s.batch_size, cfg.horizon);
         }
-        if s.checkpoint_every > 0 && (it + 1) % s.checkpoint_every == 0 && it + 1 < s.steps {
-            super::save_checkpoint(&policy, out, it + 1)?;
+        if ckpt.due(it + 1, s) {
+            let mut st = LoopState::default();
+            st.ints.insert("rng".into(), rng.state());
+            st.lists
+                .insert("order".into(), order.iter().map(|i| *i as u64).collect());
+            st.set_float("kl_coef", kl_coef);
+            let models = [
+                Trained {
+                    name: "policy",
+                    params: &policy,
+                    opt: &policy_opt,
+                },
+                Trained {
+                    name: "value",
+                    params: &value,
+                    opt: &value_opt,
+                },
+            ];
+            ckpt.save(it + 1, &models, &st, &log)?;
         }
         progress.set_position(it as u64 + 1);
         progress.set_message(format!("score {score:.3} kl {kl1:.3}"));

@@ -25,6 +25,7 @@ use indicatif::ProgressBar;
 use super::causal_lm::{batch_of, LmExamples};
 use super::dpo::PairExamples;
 use super::metrics::MetricsLog;
+use super::resume::Checkpoints;
 use super::optim::TrainSettings;
 use super::preference::sequence_logprobs;
 use super::{fit, StepLoss, TrainError};
@@ -173,6 +174,7 @@ pub fn train(
     s: &TrainSettings,
     seed: u64,
     out: &Path,
+    ckpt: &Checkpoints,
     progress: &ProgressBar,
 ) -> Result<Metrics, TrainError> {
     let mut params = checkpoint::load(init, &Dev::default())?;
@@ -244,7 +246,7 @@ pub fn train(
             out.extend(stats(true, &c, &r, kind));
             Ok(out)
         },
-        |p, step| super::save_checkpoint(p, out, step),
+        ckpt,
         &mut log,
         progress,
     )?;

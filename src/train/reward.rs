@@ -12,6 +12,7 @@ use indicatif::ProgressBar;
 use super::causal_lm::{batch_of, LmExamples};
 use super::dpo::PairExamples;
 use super::metrics::MetricsLog;
+use super::resume::Checkpoints;
 use super::optim::TrainSettings;
 use super::preference::pairwise_loss;
 use super::{fit, StepLoss, TrainError};
@@ -98,6 +99,7 @@ pub fn train(
     s: &TrainSettings,
     seed: u64,
     out: &Path,
+    ckpt: &Checkpoints,
     progress: &ProgressBar,
 ) -> Result<Metrics, TrainError> {
     let dev = Dev::default();
@@ -169,7 +171,7 @@ pub fn train(
             })
         },
         |p| Ok(eval.map(|e| evaluate(p, e)).unwrap_or_default()),
-        |p, step| super::save_checkpoint(p, out, step),
+        ckpt,
         &mut log,
         progress,
     )?;
