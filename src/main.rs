@@ -370,16 +370,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     } else {
                         metrics.clone()
                     };
-                    compare::select_and_sort(
+                    let (all, swept) = compare::with_swept_columns(
                         all.clone(),
+                        "policy",
                         &compare::EVAL_ID_COLUMNS,
-                        &shown,
-                        sort.as_deref(),
-                    )?
+                    )?;
+                    let ids: Vec<&str> = compare::EVAL_ID_COLUMNS
+                        .iter()
+                        .copied()
+                        .chain(swept.iter().map(String::as_str))
+                        .collect();
+                    compare::select_and_sort(all, &ids, &shown, sort.as_deref())?
                 }
                 None => {
                     let df = compare::compare_table(&project.root, &experiments)?;
-                    compare::select_and_sort(df, &compare::ID_COLUMNS, &metrics, sort.as_deref())?
+                    let (df, swept) =
+                        compare::with_swept_columns(df, "stage", &compare::ID_COLUMNS)?;
+                    let ids: Vec<&str> = compare::ID_COLUMNS
+                        .iter()
+                        .copied()
+                        .chain(swept.iter().map(String::as_str))
+                        .collect();
+                    compare::select_and_sort(df, &ids, &metrics, sort.as_deref())?
                 }
             };
             println!("{df}");

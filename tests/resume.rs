@@ -117,7 +117,10 @@ fn every_training_kind_resumes_to_the_same_bytes() {
             killed.status,
             String::from_utf8_lossy(&killed.stderr)
         );
-        let out = p.command(&["run", "resume", "--until", stage]).output().unwrap();
+        let out = p
+            .command(&["run", "resume", "--until", stage])
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{stage}: {stderr}");
         assert!(
@@ -160,7 +163,9 @@ fn checkpoint_every_is_not_in_the_key() {
     );
     let after = p.plan_json("resume");
     let keys = |v: &[serde_json::Value]| -> Vec<String> {
-        v.iter().map(|s| s["key"].as_str().unwrap_or("").to_string()).collect()
+        v.iter()
+            .map(|s| s["key"].as_str().unwrap_or("").to_string())
+            .collect()
     };
     assert_eq!(keys(&before), keys(&after));
 }
@@ -191,11 +196,11 @@ fn a_kill_at_a_random_point_resumes_too() {
         if snapshot {
             break;
         }
+        assert!(started.elapsed().as_secs() < 120, "no snapshot after 120 s");
         assert!(
-            started.elapsed().as_secs() < 120,
-            "no snapshot after 120 s"
+            child.try_wait().unwrap().is_none(),
+            "finished before a snapshot"
         );
-        assert!(child.try_wait().unwrap().is_none(), "finished before a snapshot");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::thread::sleep(std::time::Duration::from_millis(150));

@@ -4,6 +4,8 @@
 //! [`source::read`] gives the raw merged tables; [`load`] resolves them.
 
 pub mod error;
+pub mod matrix;
+pub mod resources;
 pub mod source;
 
 use std::collections::BTreeMap;
@@ -16,8 +18,10 @@ use crate::stages::{InputTarget, StageSettings, KINDS};
 use crate::text::{closest, did_you_mean, quoted_list};
 
 /// Fields every stage may have besides its kind's settings. `description`
-/// is documentation (not in the cache key); `seed` overrides the experiment's.
-const COMMON_FIELDS: [&str; 3] = ["kind", "seed", "description"];
+/// is documentation (not in the cache key); `seed` overrides the
+/// experiment's; `resources` is what a cluster job asks for (not in the
+/// key); `matrix` sweeps fields (see [`matrix`]).
+const COMMON_FIELDS: [&str; 5] = ["kind", "seed", "description", "resources", "matrix"];
 
 /// Default experiment seed when `[experiment] seed` is not given.
 pub const DEFAULT_SEED: u64 = 0;
@@ -42,6 +46,8 @@ pub struct Stage {
     pub description: Option<String>,
     pub seed: u64,
     pub settings: StageSettings,
+    /// A cluster job's request: the kind's defaults with `resources` over them.
+    pub resources: resources::Resources,
     pub at: Location,
 }
 
@@ -105,13 +111,20 @@ pub fn load(path: &Path, root: &Path) -> Result<Experiment, ExperimentError> {
     let raw = source::read(path)?;
     let header = Header::from_raw(&raw.header, path)?;
 
+    let (mut raw_stages, groups) = matrix::expand(&raw.stages, |name, stage| {
+        resolve_stage(name, stage, header.seed)
+    })?;
     let mut stages = BTreeMap::new();
-    for (name, raw_stage) in &raw.stages {
+    for (name, raw_stage) in &raw_stages {
         let stage = resolve_stage(name, raw_stage, header.seed)?;
         stages.insert(name.clone(), stage);
     }
-    check_references(&stages, &raw.stages)?;
-    check_datasets(&stages, &raw.stages, root)?;
+    for name in matrix::expand_references(&stages, &mut raw_stages, &groups)? {
+        let stage = resolve_stage(&name, &raw_stages[&name], header.seed)?;
+        stages.insert(name, stage);
+    }
+    check_references(&stages, &raw_stages)?;
+    check_datasets(&stages, &raw_stages, root)?;
     let experiment = Experiment {
         name: header.name,
         description: header.description,
@@ -208,6 +221,31 @@ fn resolve_stage(
             .ok_or_else(|| wrong_type(f, "`seed` must be a non-negative integer"))?,
     };
 
+    let resources = match raw.fields.get("resources") {
+        None => resources::ResourcesOverride::default(),
+        Some(f) => {
+            let o: resources::ResourcesOverride =
+                f.value.clone().try_into().map_err(|e: toml::de::Error| {
+                    ExperimentError::new(
+                        ErrorKind::InvalidValue,
+                        Some(f.value_at.clone()),
+                        format!("stage `{name}`: `resources`: {}", e.message()),
+                    )
+                    .with_help(
+                        "resources = { cpus = 2, mem = \"4G\", time = \"01:00:00\", gpus = 0 }",
+                    )
+                })?;
+            o.validate().map_err(|(field, message)| {
+                ExperimentError::new(
+                    ErrorKind::InvalidValue,
+                    Some(f.value_at.clone()),
+                    format!("stage `{name}`: `{field}` {message}"),
+                )
+            })?;
+            o
+        }
+    };
+
     let table: toml::Table = raw
         .fields
         .iter()
@@ -245,6 +283,7 @@ fn resolve_stage(
         name: name.to_string(),
         description,
         seed,
+        resources: resources::Resources::default_for(settings.kind()).with(&resources),
         settings,
         at: raw.header.clone(),
     })

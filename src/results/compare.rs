@@ -123,6 +123,74 @@ pub fn eval_table(root: &Path, experiments: &[String]) -> Result<Option<DataFram
     Ok(out)
 }
 
+/// Columns for the values a `matrix` swept, read from the names in
+/// `name_column` (`dpo@beta=0.05,lr=1e-4` gives `beta` = 0.05, `lr` = 1e-4;
+/// empty for other rows), placed after the id columns. Returns the table
+/// and the new columns' names (none when nothing was swept).
+pub fn with_swept_columns(
+    df: DataFrame,
+    name_column: &str,
+    ids: &[&str],
+) -> Result<(DataFrame, Vec<String>), CompareError> {
+    let names: Vec<String> = df
+        .column(name_column)?
+        .str()?
+        .iter()
+        .map(|v| v.unwrap_or("").to_string())
+        .collect();
+    let swept: Vec<Vec<(String, String)>> = names
+        .iter()
+        .map(|n| crate::experiment::matrix::swept_values(n))
+        .collect();
+    let mut fields: Vec<String> = Vec::new();
+    for (f, _) in swept.iter().flatten() {
+        if !fields.contains(f) {
+            fields.push(f.clone());
+        }
+    }
+    if fields.is_empty() {
+        return Ok((df, Vec::new()));
+    }
+    let existing: Vec<String> = df
+        .get_column_names()
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let mut added = Vec::new();
+    let mut columns: Vec<Column> = Vec::new();
+    for f in &fields {
+        let col = if existing.contains(f) {
+            format!("{f} (swept)")
+        } else {
+            f.clone()
+        };
+        let values: Vec<Option<String>> = swept
+            .iter()
+            .map(|row| row.iter().find(|(k, _)| k == f).map(|(_, v)| v.clone()))
+            .collect();
+        columns.push(Column::new(col.as_str().into(), values));
+        added.push(col);
+    }
+    // Order: ids, swept values, the rest.
+    let mut order: Vec<String> = ids
+        .iter()
+        .filter(|c| existing.iter().any(|e| e == *c))
+        .map(|c| c.to_string())
+        .collect();
+    order.extend(added.iter().cloned());
+    order.extend(
+        existing
+            .iter()
+            .filter(|c| !ids.contains(&c.as_str()))
+            .cloned(),
+    );
+    let mut df = df;
+    for c in columns {
+        df.with_column(c)?;
+    }
+    Ok((df.select(order)?, added))
+}
+
 /// Keep the `ids` columns and the chosen metrics; sort by a column
 /// (descending for metrics, so the best-scoring rows come first when
 /// higher is better).

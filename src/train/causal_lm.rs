@@ -10,8 +10,8 @@ use indicatif::ProgressBar;
 
 use super::losses::lm_loss;
 use super::metrics::MetricsLog;
-use super::resume::Checkpoints;
 use super::optim::TrainSettings;
+use super::resume::Checkpoints;
 use super::{fit, StepLoss, TrainError};
 use crate::data::rng::Rng;
 use crate::model::llama::TokenBatch;

@@ -10,9 +10,9 @@ use indicatif::ProgressBar;
 
 use super::causal_lm::{batch_of, LmExamples};
 use super::metrics::MetricsLog;
-use super::resume::Checkpoints;
 use super::optim::TrainSettings;
 use super::preference::{dpo_loss, sequence_logprobs, DpoLoss};
+use super::resume::Checkpoints;
 use super::{fit, StepLoss, TrainError};
 use crate::data::rng::Rng;
 use crate::model::{checkpoint, workers, Dev, LlamaParams};

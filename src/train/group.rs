@@ -30,9 +30,9 @@ use dfdx::prelude::*;
 use indicatif::ProgressBar;
 
 use super::metrics::MetricsLog;
-use super::resume::{Checkpoints, LoopState, Restore, Trained};
 use super::optim::{AdamW, TrainSettings};
 use super::preference::{kl_k1, kl_k3};
+use super::resume::{Checkpoints, LoopState, Restore, Trained};
 use super::rollout::{self, gather_rows, logprobs_and_entropy, pick, sub_batch};
 use super::{clipped_step, gradients, TrainError};
 use crate::data::rng::Rng;

@@ -245,7 +245,11 @@ impl Checkpoints {
         let rows: Vec<BTreeMap<String, f64>> = file
             .rows
             .iter()
-            .map(|r| r.iter().map(|(k, b)| (k.clone(), f64::from_bits(*b))).collect())
+            .map(|r| {
+                r.iter()
+                    .map(|(k, b)| (k.clone(), f64::from_bits(*b)))
+                    .collect()
+            })
             .collect();
         log.replay(&rows)?;
         self.last.set(Instant::now());
