@@ -47,7 +47,21 @@ enum Command {
         /// Show what would run, run nothing
         #[arg(long)]
         dry_run: bool,
+        /// Where stale stages are built [default: posttrain.toml's run.executor, else local]
+        #[arg(long, value_enum)]
+        executor: Option<runner::config::ExecutorName>,
+        /// Local executor: build up to N independent stages at once [default: posttrain.toml's run.jobs, else 1]
+        #[arg(long, short, value_name = "N")]
+        jobs: Option<usize>,
+        /// Slurm executor: submit the jobs and return without waiting (see `status`, `cancel`)
+        #[arg(long)]
+        detach: bool,
     },
+    /// Cancel the cluster jobs submitted for an experiment's stages
+    Cancel { experiment: String },
+    /// Build the one stage a cluster job's spec names (what Slurm jobs run)
+    #[command(hide = true)]
+    BuildJob { spec: PathBuf },
     /// Show each stage as cached or stale, and why
     #[command(alias = "status")]
     Plan {
@@ -199,13 +213,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             force,
             until,
             dry_run,
+            executor,
+            jobs,
+            detach,
         } => {
             let exp = load(&project, &experiment)?;
+            let config = runner::config::ProjectConfig::load(&project.root)?;
+            if jobs == Some(0) {
+                anyhow::bail!("--jobs must be at least 1");
+            }
+            let jobs = jobs.or(config.run.jobs).unwrap_or(1);
+            let executor = match executor.or(config.run.executor) {
+                None | Some(runner::config::ExecutorName::Local) => {
+                    if detach {
+                        anyhow::bail!("--detach needs the slurm executor (--executor slurm)");
+                    }
+                    runner::Executor::Local { jobs }
+                }
+                Some(runner::config::ExecutorName::Slurm) => {
+                    runner::Executor::Slurm(config.slurm.clone())
+                }
+            };
             let options = RunOptions {
                 force,
                 until,
                 dry_run,
                 quiet: cli.quiet,
+                executor,
+                detach,
             };
             let report = runner::run(&project, &exp, &options)?;
             print_run_report(&report, dry_run);
@@ -213,9 +248,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print_eval_summary(&report.results_dir)?;
             }
         }
+        Command::Cancel { experiment } => {
+            let exp = load(&project, &experiment)?;
+            let plan = runner::plan(&project, &exp)?;
+            let keys: Vec<&str> = plan.stages.iter().map(|s| s.key()).collect();
+            let cancelled = runner::slurm::cancel(&project, &keys)?;
+            if cancelled.is_empty() {
+                println!("no queued or running job of `{}` to cancel", exp.name);
+            }
+            for (stage, job) in cancelled {
+                println!("cancelled {stage} (job {job})");
+            }
+        }
+        Command::BuildJob { spec } => {
+            runner::job::build_job(&spec, cli.quiet)?;
+        }
         Command::Plan { experiment, json } => {
             let exp = load(&project, &experiment)?;
             let plan = runner::plan(&project, &exp)?;
+            let keys: Vec<&str> = plan.stages.iter().map(|s| s.key()).collect();
+            let jobs = runner::slurm::claimed(&project, &keys);
+            let status_of = |s: &posttrain::plan::PlannedStage| -> String {
+                if s.cached {
+                    return "cached".into();
+                }
+                match jobs.get(s.key()) {
+                    Some((job, state, _)) => format!("{} (job {job})", state.to_lowercase()),
+                    None => "stale".into(),
+                }
+            };
             for s in &plan.stages {
                 if json {
                     let reasons: Vec<serde_json::Value> = s
@@ -230,6 +291,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     let line = serde_json::json!({
                         "name": s.name, "kind": s.kind(), "key": s.key(),
                         "status": if s.cached { "cached" } else { "stale" },
+                        "job": jobs.get(s.key()).map(|(job, state, log)| serde_json::json!({
+                            "id": job, "state": state, "log": log,
+                        })),
                         "reasons": reasons,
                     });
                     println!("{line}");
@@ -250,11 +314,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             s.name.clone(),
                             s.kind().to_string(),
                             s.key()[..12].to_string(),
-                            if s.cached {
-                                "cached".into()
-                            } else {
-                                "stale".into()
-                            },
+                            status_of(s),
                             why,
                         ]
                     })

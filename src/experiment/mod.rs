@@ -46,8 +46,12 @@ pub struct Stage {
     pub description: Option<String>,
     pub seed: u64,
     pub settings: StageSettings,
-    /// A cluster job's request: the kind's defaults with `resources` over them.
-    pub resources: resources::Resources,
+    /// A cluster job's request as written (`resources = {...}`); the
+    /// executor fills the rest from the kind's defaults.
+    pub resources: resources::ResourcesOverride,
+    /// The settings as written (after includes and matrix expansion), which
+    /// a cluster job parses again to build exactly this stage.
+    pub table: toml::Table,
     pub at: Location,
 }
 
@@ -252,20 +256,21 @@ fn resolve_stage(
         .filter(|(k, _)| !COMMON_FIELDS.contains(&k.as_str()))
         .map(|(k, f)| (k.clone(), f.value.clone()))
         .collect();
-    let parsed = StageSettings::parse(kind, toml::Value::Table(table)).ok_or_else(|| {
-        ExperimentError::new(
-            ErrorKind::UnknownKind,
-            Some(kind_field.value_at.clone()),
-            format!(
-                "stage `{name}`: unknown kind `{kind}`{}",
-                did_you_mean(kind, KINDS.iter().copied())
-            ),
-        )
-        .with_help(format!(
-            "valid kinds: {}",
-            quoted_list(KINDS.iter().copied())
-        ))
-    })?;
+    let parsed =
+        StageSettings::parse(kind, toml::Value::Table(table.clone())).ok_or_else(|| {
+            ExperimentError::new(
+                ErrorKind::UnknownKind,
+                Some(kind_field.value_at.clone()),
+                format!(
+                    "stage `{name}`: unknown kind `{kind}`{}",
+                    did_you_mean(kind, KINDS.iter().copied())
+                ),
+            )
+            .with_help(format!(
+                "valid kinds: {}",
+                quoted_list(KINDS.iter().copied())
+            ))
+        })?;
     let settings = parsed.map_err(|e| settings_error(name, kind, raw, e))?;
     settings.validate().map_err(|(field, message)| {
         let at = raw
@@ -283,8 +288,9 @@ fn resolve_stage(
         name: name.to_string(),
         description,
         seed,
-        resources: resources::Resources::default_for(settings.kind()).with(&resources),
+        resources,
         settings,
+        table,
         at: raw.header.clone(),
     })
 }

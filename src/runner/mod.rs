@@ -2,22 +2,40 @@
 //! under its key's lock, publish its output to the store, and write the
 //! experiment's result tables.
 
+pub mod build;
+pub mod config;
+pub mod job;
+pub mod local;
 pub mod project;
+pub mod slurm;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::time::Instant;
-
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::experiment::Experiment;
-use crate::plan::{make_plan, HashCache, Plan, PlanError, Reason};
+use crate::plan::{make_plan, HashCache, Plan, PlanError, PlannedStage, Reason};
 use crate::results::record::{RunRecord, StageRecord};
 use crate::results::{eval_table, experiment_dir, experiment_plots, runs_table};
-use crate::stages::{Metrics, StageContext, StageError};
-use crate::store::{BuiltBy, Manifest};
+use crate::stages::{Metrics, StageError};
 use crate::text::did_you_mean;
+use build::{Built, Console};
 pub use project::Project;
+pub use slurm::SlurmConfig;
+
+/// Where stale stages are built.
+#[derive(Debug, Clone)]
+pub enum Executor {
+    /// In this process, at most `jobs` independent stages at once.
+    Local { jobs: usize },
+    /// One Slurm job per stage, with `afterok` dependencies.
+    Slurm(SlurmConfig),
+}
+
+impl Default for Executor {
+    fn default() -> Self {
+        Executor::Local { jobs: 1 }
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -29,6 +47,9 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// No progress display or status lines.
     pub quiet: bool,
+    pub executor: Executor,
+    /// Slurm: submit and return without waiting for the jobs.
+    pub detach: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +60,8 @@ pub enum Status {
     WouldRun,
     /// Not selected by `--until`.
     Skipped,
+    /// Submitted to the cluster, not waited for (`--detach`).
+    Submitted,
 }
 
 impl Status {
@@ -48,6 +71,7 @@ impl Status {
             Status::Cached => "cached",
             Status::WouldRun => "would run",
             Status::Skipped => "skipped",
+            Status::Submitted => "submitted",
         }
     }
 }
@@ -98,9 +122,13 @@ pub enum RunError {
     },
     #[error("cannot write results: {0}")]
     Results(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Slurm(#[from] slurm::SlurmError),
+    #[error("job {}: {message}", spec.display())]
+    Job { spec: PathBuf, message: String },
 }
 
-fn store_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
+pub(crate) fn store_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
     let context = context.into();
     move |cause| RunError::Store { context, cause }
 }
@@ -141,7 +169,8 @@ pub fn stage_output(project: &Project, exp: &Experiment, stage: &str) -> Result<
     Ok(project.store.entry_dir(planned.key()))
 }
 
-/// Run an experiment: every stale stage, in order; reuse the rest.
+/// Run an experiment: build every stale stage with the chosen executor;
+/// reuse the rest.
 pub fn run(
     project: &Project,
     exp: &Experiment,
@@ -169,14 +198,53 @@ pub fn run(
         Some(u) => plan.dag.with_ancestors(u),
         None => exp.stages.keys().cloned().collect(),
     };
+    let force: BTreeSet<String> = options.force.iter().cloned().collect();
+    let stale = |p: &PlannedStage| force.contains(&p.name) || !p.cached;
+    let todo: Vec<&PlannedStage> = plan
+        .stages
+        .iter()
+        .filter(|p| selected.contains(&p.name) && stale(p))
+        .collect();
 
+    let console = Console::new(options.quiet);
     let results_dir = experiment_dir(&project.root, &exp.name);
+    let mut built = BTreeMap::new();
+    let mut submitted = BTreeSet::new();
+    if !options.dry_run {
+        for p in plan
+            .stages
+            .iter()
+            .filter(|p| selected.contains(&p.name) && !stale(p))
+        {
+            console.status(
+                "Cached",
+                &format!("{} ({}) {}", p.name, p.kind(), &p.key()[..12]),
+            );
+        }
+        match &options.executor {
+            Executor::Local { jobs } => {
+                built = local::execute(project, exp, &todo, &force, *jobs, &console)?;
+            }
+            Executor::Slurm(config) => {
+                let run = slurm::SlurmRun {
+                    project,
+                    exp,
+                    config,
+                    console: &console,
+                    force: &force,
+                };
+                match run.execute(&todo, options.detach)? {
+                    slurm::Outcome::Built(b) => built = b,
+                    slurm::Outcome::Submitted(names) => submitted = names,
+                }
+            }
+        }
+    }
+
     let mut outcomes = Vec::new();
-    let mut entries: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut record_stages = BTreeMap::new();
     for planned in &plan.stages {
         let name = &planned.name;
-        let forced = options.force.contains(name);
         let mut outcome = StageOutcome {
             name: name.clone(),
             kind: planned.kind().to_string(),
@@ -184,7 +252,7 @@ pub fn run(
             status: Status::Cached,
             duration_s: 0.0,
             metrics: Metrics::new(),
-            reasons: if forced {
+            reasons: if force.contains(name) {
                 vec![Reason::Forced]
             } else {
                 planned.reasons.clone()
@@ -195,58 +263,32 @@ pub fn run(
             outcomes.push(outcome);
             continue;
         }
-        let stale = forced || !planned.cached;
-        if options.dry_run {
-            outcome.status = if stale {
-                Status::WouldRun
-            } else {
-                Status::Cached
+        if options.dry_run || submitted.contains(name) {
+            outcome.status = match (stale(planned), options.dry_run) {
+                (false, _) => Status::Cached,
+                (true, true) => Status::WouldRun,
+                (true, false) => Status::Submitted,
             };
             outcomes.push(outcome);
             continue;
         }
-
         let key = planned.key();
-        let short = &key[..12];
-        let mut manifest = if stale {
-            None
-        } else {
-            project.store.manifest(key)
-        };
-        if manifest.is_none() {
-            let _lock = project
-                .store
-                .lock(key, || {
-                    if !options.quiet {
-                        eprintln!(
-                            "{:>12} for another run building `{name}` ({short})",
-                            "Waiting"
-                        );
-                    }
-                })
-                .map_err(store_err(format!("cannot lock {key}")))?;
-            // Another run may have built it while we waited.
-            manifest = if forced {
-                None
-            } else {
-                project.store.manifest(key)
-            };
-            if manifest.is_none() {
-                if project.store.entry_dir(key).exists() && !forced {
-                    eprintln!("warning: store entry {key} for `{name}` is incomplete or corrupt; rebuilding it");
-                }
-                let built = build(project, exp, planned, &entries, options)?;
+        let manifest = match built.remove(name) {
+            Some(Built::Ran(m)) => {
                 outcome.status = Status::Ran;
-                outcome.duration_s = built.duration_s;
-                manifest = Some(built);
+                outcome.duration_s = m.duration_s;
+                m
             }
-        }
-        let manifest = manifest.expect("built or found");
-        if outcome.status == Status::Cached && !options.quiet {
-            eprintln!("{:>12} {name} ({}) {short}", "Cached", planned.kind());
-        }
+            Some(Built::Found(m)) => m,
+            None => project
+                .store
+                .manifest(key)
+                .ok_or_else(|| RunError::NotBuilt {
+                    stage: name.clone(),
+                    experiment: exp.name.clone(),
+                })?,
+        };
         outcome.metrics = manifest.metrics.clone();
-        entries.insert(name.clone(), project.store.entry_dir(key));
         record_stages.insert(
             name.clone(),
             StageRecord {
@@ -260,7 +302,7 @@ pub fn run(
         outcomes.push(outcome);
     }
 
-    if !options.dry_run {
+    if !options.dry_run && submitted.is_empty() {
         write_results(project, exp, &plan, record_stages, &results_dir)?;
     }
     Ok(RunReport {
@@ -268,107 +310,6 @@ pub fn run(
         stages: outcomes,
         results_dir,
     })
-}
-
-/// Build one stage into a temporary folder and publish it.
-fn build(
-    project: &Project,
-    exp: &Experiment,
-    planned: &crate::plan::PlannedStage,
-    entries: &BTreeMap<String, PathBuf>,
-    options: &RunOptions,
-) -> Result<Manifest, RunError> {
-    let name = &planned.name;
-    let stage = &exp.stages[name];
-    let key = planned.key();
-    let staging = project
-        .store
-        .begin(key)
-        .map_err(store_err(format!("cannot create a build folder for {key}")))?;
-    if !options.quiet {
-        eprintln!(
-            "{:>12} {name} ({}) {}",
-            "Running",
-            planned.kind(),
-            &key[..12]
-        );
-    }
-    let progress = if options.quiet {
-        ProgressBar::hidden()
-    } else {
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {prefix:.bold} {msg} {pos}/{len} {elapsed}")
-                .expect("valid template"),
-        );
-        bar.set_prefix(format!("{name} ({})", planned.kind()));
-        bar.enable_steady_tick(std::time::Duration::from_millis(120));
-        bar
-    };
-    if !options.quiet {
-        progress.println(format!(
-            "{:>12} {name} ({}) {}",
-            "Running",
-            planned.kind(),
-            &key[..12]
-        ));
-    }
-    let started = crate::time::unix_now();
-    let clock = Instant::now();
-    let resume_dir = project.store.resume_dir(key);
-    if options.force.contains(name) {
-        // A forced rebuild starts from scratch.
-        let _ = std::fs::remove_dir_all(&resume_dir);
-    } else if resume_dir.join("LATEST").exists() && !options.quiet {
-        progress.suspend(|| {
-            eprintln!(
-                "{:>12} {name} from its last snapshot in {}",
-                "Resuming",
-                resume_dir.display()
-            )
-        });
-    }
-    let ctx = StageContext {
-        stage: name,
-        root: &project.root,
-        out_dir: &staging.dir,
-        seed: stage.seed,
-        cache_dir: &project.store.cache_dir(),
-        upstream: entries,
-        progress: &progress,
-        resume_dir: Some(&resume_dir),
-    };
-    let result = stage.settings.run(&ctx);
-    progress.finish_and_clear();
-    let metrics = result.map_err(|cause| RunError::Stage {
-        stage: name.clone(),
-        kind: planned.kind().to_string(),
-        cause,
-    })?;
-    let duration_s = clock.elapsed().as_secs_f64();
-    let manifest = Manifest {
-        identity: planned.identity.clone(),
-        built_by: BuiltBy {
-            experiment: exp.name.clone(),
-            stage: name.clone(),
-        },
-        started: crate::time::rfc3339(started),
-        finished: crate::time::rfc3339(crate::time::unix_now()),
-        duration_s,
-        metrics,
-        outputs: Vec::new(),
-    };
-    let published = manifest.clone();
-    project
-        .store
-        .publish(staging, manifest)
-        .map_err(store_err(format!("cannot publish {key}")))?;
-    // Published: the snapshots are no longer needed.
-    let _ = std::fs::remove_dir_all(&resume_dir);
-    if !options.quiet {
-        eprintln!("{:>12} {name} in {duration_s:.2}s", "Finished");
-    }
-    Ok(project.store.manifest(key).unwrap_or(published))
 }
 
 /// `last_run.json`, `runs.parquet` and `stages/NAME` links to store entries.

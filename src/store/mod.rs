@@ -10,6 +10,8 @@
 //! .tmp/<key>.<pid>.<n>/ entries being built (or left by a killed run)
 //! .locks/<key>.lock     held while a key is built
 //! .resume/<key>/        resume snapshots of a training stage being built
+//! .claims/<key>.json    the cluster job building a key (see claim)
+//! .jobs/<key>/          what a cluster job builds (see runner::job)
 //! .state/hashes.json    dataset hash cache (see plan::hash)
 //! .cache/tokens/        tokenized datasets (see data::tokenize)
 //! ```
@@ -17,6 +19,7 @@
 //! An entry is complete exactly when `<key>/manifest.json` parses and names
 //! that key. Anything else at `<key>/` is corrupt: a warning and a miss.
 
+pub mod claim;
 pub mod lock;
 pub mod manifest;
 
