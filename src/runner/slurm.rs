@@ -30,7 +30,9 @@ pub struct SlurmConfig {
     pub partition: Option<String>,
     pub account: Option<String>,
     pub qos: Option<String>,
-    /// Default time limit for stages that set none (else the kind's).
+    /// Defaults for stages whose `resources` do not say (else the kind's).
+    pub cpus: Option<u32>,
+    pub mem: Option<String>,
     pub time: Option<String>,
     /// More `sbatch` arguments, given as they are (e.g. ["--exclusive"]).
     #[serde(default)]
@@ -366,6 +368,12 @@ impl SlurmRun<'_> {
             let _ = std::fs::create_dir_all(dir);
         }
         let mut r = crate::experiment::resources::Resources::default_for(planned.kind());
+        if let Some(c) = self.config.cpus {
+            r.cpus = c;
+        }
+        if let Some(m) = &self.config.mem {
+            r.mem = m.clone();
+        }
         if let Some(t) = &self.config.time {
             r.time = t.clone();
         }
