@@ -335,3 +335,51 @@ fn no_sbatch_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn detach_then_status_then_cancel() {
+    let Some(_node) = cluster() else {
+        return;
+    };
+    let p = TestProject::new();
+    p.write("experiments/d.toml", &experiment(3, 48, 200000));
+    let out = p
+        .command(&[
+            "run",
+            "d",
+            "--executor",
+            "slurm",
+            "--detach",
+            "--until",
+            "base",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("Submitted").count(), 3, "{stderr}");
+    // status: every stale stage shows its job.
+    let started = Instant::now();
+    loop {
+        let plan = p.plan_json("d");
+        let base = plan.iter().find(|s| s["name"] == "base").unwrap();
+        assert!(base["job"]["id"].is_string(), "{base}");
+        if base["job"]["state"] == "RUNNING" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "base never ran: {base}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let table = p.ok(&["status", "d"]);
+    assert!(table.contains("running (job "), "{table}");
+    let out = p.ok(&["cancel", "d"]);
+    assert!(out.contains("cancelled base (job "), "{out}");
+    let plan = p.plan_json("d");
+    let base = plan.iter().find(|s| s["name"] == "base").unwrap();
+    assert_eq!(base["status"], "stale");
+    assert!(base["job"].is_null(), "the claim is released: {base}");
+    assert!(p.ok(&["cancel", "d"]).contains("no queued or running job"));
+}

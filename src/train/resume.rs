@@ -145,7 +145,7 @@ impl Checkpoints {
             return false;
         }
         if s.checkpoint_every > 0 {
-            return done % s.checkpoint_every == 0;
+            return done.is_multiple_of(s.checkpoint_every);
         }
         self.last.get().elapsed() >= self.interval
     }
@@ -293,7 +293,7 @@ fn write_model<D: Device<f32>>(
 ) -> Result<(), TrainError> {
     let (m, v) = opt.moments();
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (i, (name, t)) in params.named().into_iter().enumerate() {
+    for (i, (name, t)) in params.trainable().into_iter().enumerate() {
         let (r, c) = *t.shape();
         data.push((format!("param/{name}"), vec![r, c], bytes_of(t)));
         data.push((format!("m/{name}"), vec![r, c], bytes_of(&m[i])));
@@ -348,7 +348,7 @@ fn read_model<D: Device<f32>>(
     let (mut m, mut v) = (Vec::new(), Vec::new());
     {
         let (m0, v0) = opt.moments();
-        for (i, (name, p)) in params.named_mut().into_iter().enumerate() {
+        for (i, (name, p)) in params.trainable_mut().into_iter().enumerate() {
             *p = get(&format!("param/{name}"), p)?;
             m.push(get(&format!("m/{name}"), &m0[i])?);
             v.push(get(&format!("v/{name}"), &v0[i])?);
