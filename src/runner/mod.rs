@@ -96,8 +96,17 @@ pub enum RunError {
         context: String,
         cause: std::io::Error,
     },
+    #[error("stage `{stage}`: {cause}\n  help: nothing was stored for it; run again once the dataset stays put (posttrain plan shows the new key)")]
+    DatasetChanged { stage: String, cause: String },
+    // Not `#[from]`: a source field would print the cause a second time.
     #[error("cannot write results: {0}")]
-    Results(#[from] crate::data::DataError),
+    Results(crate::data::DataError),
+}
+
+impl From<crate::data::DataError> for RunError {
+    fn from(e: crate::data::DataError) -> Self {
+        RunError::Results(e)
+    }
 }
 
 fn store_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
@@ -170,6 +179,23 @@ pub fn run(
         None => exp.stages.keys().cloned().collect(),
     };
 
+    // Before any entry is looked at: register the project and lease the
+    // plan's keys, so gc keeps them while this run lives (store::keep).
+    let guard = if options.dry_run {
+        None
+    } else {
+        let keys = plan.stages.iter().map(|s| s.key().to_string()).collect();
+        Some(
+            crate::store::keep::RunGuard::begin(
+                &project.store,
+                &project.root,
+                &exp.name,
+                &exp.path,
+                keys,
+            )
+            .map_err(store_err("cannot lease this run's entries"))?,
+        )
+    };
     let results_dir = experiment_dir(&project.root, &exp.name);
     let mut outcomes = Vec::new();
     let mut entries: BTreeMap<String, PathBuf> = BTreeMap::new();
@@ -232,8 +258,8 @@ pub fn run(
                 project.store.manifest(key)
             };
             if manifest.is_none() {
-                if project.store.entry_dir(key).exists() && !forced {
-                    eprintln!("warning: store entry {key} for `{name}` is incomplete or corrupt; rebuilding it");
+                if let Some(problem) = project.store.problem(key).filter(|_| !forced) {
+                    eprintln!("warning: store entry {key} for `{name}` is incomplete or corrupt ({problem}); rebuilding it");
                 }
                 let built = build(project, exp, planned, &entries, options)?;
                 outcome.status = Status::Ran;
@@ -260,8 +286,15 @@ pub fn run(
         outcomes.push(outcome);
     }
 
-    if !options.dry_run {
+    if let Some(guard) = guard {
+        let used = record_stages
+            .values()
+            .map(|s| s.identity.key.clone())
+            .collect();
         write_results(project, exp, &plan, record_stages, &results_dir)?;
+        guard
+            .finished(&used)
+            .map_err(store_err("cannot record this run in the store"))?;
     }
     Ok(RunReport {
         experiment: exp.name.clone(),
@@ -313,6 +346,14 @@ fn build(
             &key[..12]
         ));
     }
+    let dataset_changed = |cause| RunError::DatasetChanged {
+        stage: name.clone(),
+        cause,
+    };
+    let mut hashes = HashCache::open(&project.store.state_dir());
+    let snapshot = crate::plan::recheck::before_run(&project.root, &planned.identity, &mut hashes)
+        .map_err(dataset_changed)?;
+    let _ = hashes.save();
     let started = crate::time::unix_now();
     let clock = Instant::now();
     let ctx = StageContext {
@@ -344,6 +385,7 @@ fn build(
         metrics,
         outputs: Vec::new(),
     };
+    crate::plan::recheck::before_publish(&snapshot).map_err(dataset_changed)?;
     let published = manifest.clone();
     project
         .store
