@@ -123,7 +123,16 @@ pub fn gc(store: &Store, root: &Path, opts: &GcOptions) -> io::Result<GcOutcome>
     let leases = lease::scan(store.dir(), opts.dry_run)?;
     let keep = keep_set(store, root, &leases, opts, &mut out);
     out.kept = store.keys()?.intersection(&keep).count();
-    out.report = store.gc(&keep, opts.older_than, opts.dry_run)?;
+    // A live run may be filling the caches: leave them to a quiet moment.
+    let keep_caches = leases.live_runs > 0;
+    if keep_caches {
+        out.notes.push(format!(
+            "{} live run(s): the caches in {} are left as they are",
+            leases.live_runs,
+            store.cache_dir().display()
+        ));
+    }
+    out.report = store.gc(&keep, opts.older_than, keep_caches, opts.dry_run)?;
     Ok(out)
 }
 

@@ -250,6 +250,7 @@ impl Store {
         &self,
         keep: &BTreeSet<String>,
         older_than: Option<std::time::Duration>,
+        keep_caches: bool,
         dry_run: bool,
     ) -> io::Result<GcReport> {
         let mut report = GcReport::default();
@@ -309,9 +310,10 @@ impl Store {
                 }
             }
         }
-        // Caches are only speed: gc empties them (they refill on demand).
+        // Caches are only speed: gc empties them (they refill on demand),
+        // unless a live run may be writing them (`keep_caches`).
         let cache = self.cache_dir();
-        if cache.exists() {
+        if cache.exists() && !keep_caches {
             report.cache_bytes = dir_size(&cache);
             report.bytes += report.cache_bytes;
             if !dry_run {

@@ -125,7 +125,7 @@ mod tests {
         let aside = store.move_to_trash(&store.entry_dir("a"), "a").unwrap();
         assert!(aside.exists());
         assert!(store.keys().unwrap().is_empty(), "a trashed entry is not an entry");
-        let report = store.gc(&BTreeSet::new(), None, false).unwrap();
+        let report = store.gc(&BTreeSet::new(), None, false, false).unwrap();
         assert_eq!(report.trash, 1);
         assert!(!aside.exists());
     }
