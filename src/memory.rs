@@ -56,17 +56,21 @@ pub fn estimate(settings: &StageSettings, vocab: Option<usize>) -> Option<(Strin
         StageSettings::Synth(s) => {
             let counts = [
                 ("corpus_docs", s.corpus_docs as f64),
-                ("demonstrations", s.demonstrations as f64 * (1.0 + s.test_share)),
+                (
+                    "demonstrations",
+                    s.demonstrations as f64 * (1.0 + s.test_share),
+                ),
                 ("comparisons", s.comparisons as f64 * (1.0 + s.test_share)),
                 ("rankings", s.rankings as f64 * s.ranking_size.max(1) as f64),
                 ("prompts_train", s.prompts_train as f64),
                 ("prompts_test", s.prompts_test as f64),
             ];
             let rows: f64 = counts.iter().map(|(_, n)| n).sum();
-            let (field, _) = counts
-                .iter()
-                .copied()
-                .fold(("corpus_docs", -1.0), |a, b| if b.1 > a.1 { b } else { a });
+            let (field, _) =
+                counts
+                    .iter()
+                    .copied()
+                    .fold(("corpus_docs", -1.0), |a, b| if b.1 > a.1 { b } else { a });
             Some((
                 field.to_string(),
                 rows * BYTES_PER_ROW,

@@ -64,7 +64,10 @@ fn every_bad_experiment_file_is_refused_before_anything_runs() {
             .unwrap();
         let stderr = refused(&out);
         for e in &expects {
-            assert!(stderr.contains(e.as_str()), "{name}: expected `{e}` in:\n{stderr}");
+            assert!(
+                stderr.contains(e.as_str()),
+                "{name}: expected `{e}` in:\n{stderr}"
+            );
         }
         no_store(&p);
         assert!(!p.path("results").exists(), "{name}: results/ was written");
@@ -75,16 +78,34 @@ fn every_bad_experiment_file_is_refused_before_anything_runs() {
 fn bad_sampling_flags_are_refused_by_the_rules_of_a_sampling_table() {
     let p = TestProject::new();
     for (flags, message) in [
-        (["--temperature", "NaN"], "`temperature` must be a finite number >= 0 (0 = greedy), got NaN"),
-        (["--temperature=-1", "--seed=0"], "`temperature` must be a finite number >= 0 (0 = greedy), got -1"),
-        (["--top-p", "2"], "`top_p` must be in (0, 1] (1 = off), got 2"),
-        (["--top-p", "0"], "`top_p` must be in (0, 1] (1 = off), got 0"),
-        (["--max-new-tokens", "0"], "`max_new_tokens` must be at least 1"),
+        (
+            ["--temperature", "NaN"],
+            "`temperature` must be a finite number >= 0 (0 = greedy), got NaN",
+        ),
+        (
+            ["--temperature=-1", "--seed=0"],
+            "`temperature` must be a finite number >= 0 (0 = greedy), got -1",
+        ),
+        (
+            ["--top-p", "2"],
+            "`top_p` must be in (0, 1] (1 = off), got 2",
+        ),
+        (
+            ["--top-p", "0"],
+            "`top_p` must be in (0, 1] (1 = off), got 0",
+        ),
+        (
+            ["--max-new-tokens", "0"],
+            "`max_new_tokens` must be at least 1",
+        ),
     ] {
         let mut args = vec!["sample", "exp", "base", "--prompt", "hi"];
         args.extend(flags);
         let err = refused(&p.run(&args));
-        assert!(err.contains(&format!("error: sample: {message}")), "{flags:?}: {err}");
+        assert!(
+            err.contains(&format!("error: sample: {message}")),
+            "{flags:?}: {err}"
+        );
         assert!(err.contains("help: --temperature, --top-p"), "{err}");
     }
     no_store(&p);
@@ -111,9 +132,15 @@ fn score_and_sample_on_a_stage_that_is_not_a_model_say_so() {
         err.contains("stage `world` of `w` is a synth stage, not a model: `score` needs a stage that writes a model"),
         "{err}"
     );
-    assert!(err.contains("model stages of this experiment: none"), "{err}");
+    assert!(
+        err.contains("model stages of this experiment: none"),
+        "{err}"
+    );
     let err = refused(&p.run(&["sample", "w", "world", "--prompt", "hi"]));
-    assert!(err.contains("`sample` needs a stage that writes a model"), "{err}");
+    assert!(
+        err.contains("`sample` needs a stage that writes a model"),
+        "{err}"
+    );
     assert!(!err.contains("config.json"), "{err}");
     no_store(&p);
 }
@@ -153,7 +180,9 @@ fn a_non_finite_margin_is_refused_by_the_dataset_checks() {
         );
         let err = refused(&p.run(&["run", "m", "--quiet"]));
         assert!(
-            err.contains(&format!("column `margin` is {shown} in row 1: margins must be finite numbers")),
+            err.contains(&format!(
+                "column `margin` is {shown} in row 1: margins must be finite numbers"
+            )),
             "{err}"
         );
         assert!(!err.contains("diverged"), "{err}");
@@ -173,7 +202,9 @@ fn a_data_set_with_zero_rows_says_so() {
     );
     let err = refused(&p.run(&["run", "z", "--quiet"]));
     assert!(
-        err.contains("datasets/empty.parquet: the data set has no rows; a stage needs at least one"),
+        err.contains(
+            "datasets/empty.parquet: the data set has no rows; a stage needs at least one"
+        ),
         "{err}"
     );
     no_entries(&p);
@@ -213,13 +244,19 @@ fn model_folders_with_nan_weights_or_empty_text_are_refused() {
     let p = TestProject::new();
     let good = tiny_model(&p, "good");
     let err = refused(&p.run(&["score", good.to_str().unwrap(), "--text", ""]));
-    assert!(err.contains("--text is empty: there is nothing to score"), "{err}");
+    assert!(
+        err.contains("--text is empty: there is nothing to score"),
+        "{err}"
+    );
 
     let bad = tiny_model(&p, "nan");
     poison(&bad.join("model.safetensors"), "model.embed_tokens.weight");
     let err = refused(&p.run(&["score", bad.to_str().unwrap(), "--ids", "0,1,2"]));
     assert!(err.contains("gives a non-finite log-probability"), "{err}");
-    assert!(err.contains("its weights hold NaN or infinite values"), "{err}");
+    assert!(
+        err.contains("its weights hold NaN or infinite values"),
+        "{err}"
+    );
 
     let entries = p.store_keys().len();
     p.write(
@@ -237,14 +274,22 @@ fn model_folders_with_nan_weights_or_empty_text_are_refused() {
 #[test]
 fn an_error_cause_is_printed_once() {
     let p = TestProject::new();
-    let dir = p.path("models/half");
+    // An empty folder: the missing config.json's OS error is the cause.
+    let dir = p.path("models/empty");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("config.json"), "{").unwrap();
     let err = refused(&p.run(&["score", dir.to_str().unwrap(), "--ids", "1"]));
     let first = err.lines().next().unwrap();
+    assert!(
+        first.contains("config.json: No such file or directory"),
+        "{first}"
+    );
     // Every ": "-separated part appears once.
     let parts: Vec<&str> = first.split(": ").collect();
     for part in &parts {
-        assert_eq!(first.matches(part).count(), 1, "`{part}` repeated in: {first}");
+        assert_eq!(
+            first.matches(part).count(),
+            1,
+            "`{part}` repeated in: {first}"
+        );
     }
 }

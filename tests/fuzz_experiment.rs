@@ -14,16 +14,58 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const FRAGMENTS: &[&str] = &[
-    "=", "[", "]", "{", "}", "\"", "'", ",", ".", "\n", "#", "\\", "\u{0}", "\u{e9}", "\u{1F600}",
-    "nan", "-nan", "inf", "-inf", "-1", "0", "1e308", "-0.0", "18446744073709551616",
-    "9223372036854775807", "1000000000000", "true", "\"\"", "[]", "{}", "\"\"\"", "'''",
-    "[stages.x]\n", "[stages.\"a/b\"]\n", "[experiment]\n", "kind = \"synth\"\n",
-    "kind = \"pretrain\"\n", "kind = \"eval\"\n", "include = [\"_common.toml\"]\n",
-    "include = [\"fuzz.toml\"]\n", "from = \"base\"\n", "from = \"x\"\n",
-    "name = \"store\"\n", "name = \"../x\"\n", "seed = -1\n",
-    "sampling = { temperature = nan }\n", "model = { hidden_size = 0 }\n",
+    "=",
+    "[",
+    "]",
+    "{",
+    "}",
+    "\"",
+    "'",
+    ",",
+    ".",
+    "\n",
+    "#",
+    "\\",
+    "\u{0}",
+    "\u{e9}",
+    "\u{1F600}",
+    "nan",
+    "-nan",
+    "inf",
+    "-inf",
+    "-1",
+    "0",
+    "1e308",
+    "-0.0",
+    "18446744073709551616",
+    "9223372036854775807",
+    "1000000000000",
+    "true",
+    "\"\"",
+    "[]",
+    "{}",
+    "\"\"\"",
+    "'''",
+    "[stages.x]\n",
+    "[stages.\"a/b\"]\n",
+    "[experiment]\n",
+    "kind = \"synth\"\n",
+    "kind = \"pretrain\"\n",
+    "kind = \"eval\"\n",
+    "include = [\"_common.toml\"]\n",
+    "include = [\"fuzz.toml\"]\n",
+    "from = \"base\"\n",
+    "from = \"x\"\n",
+    "name = \"store\"\n",
+    "name = \"../x\"\n",
+    "seed = -1\n",
+    "sampling = { temperature = nan }\n",
+    "model = { hidden_size = 0 }\n",
     "corpus = { stage = \"world\", file = \"corpus.parquet\", max_rows = 0 }\n",
-    "train = { steps = 0 }\n", "[[stages]]\n", "a.b.c = 1\n", "x = 1979-05-27T07:32:00Z\n",
+    "train = { steps = 0 }\n",
+    "[[stages]]\n",
+    "a.b.c = 1\n",
+    "x = 1979-05-27T07:32:00Z\n",
 ];
 
 struct Rng(u64);
@@ -78,7 +120,10 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
                 let other = &seeds[rng.below(seeds.len())];
                 let lines: Vec<&[u8]> = other.split(|b| *b == b'\n').collect();
                 let line = lines[rng.below(lines.len())];
-                let start = data[..at].iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                let start = data[..at]
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |i| i + 1);
                 let mut piece = line.to_vec();
                 piece.push(b'\n');
                 data.splice(start..start, piece);
@@ -147,8 +192,14 @@ fn the_experiment_parser_never_panics_on_mutated_files() {
     for e in std::fs::read_dir(repo.join("experiments")).unwrap() {
         let p = e.unwrap().path();
         if p.file_name().unwrap().to_string_lossy().starts_with('_') {
-            std::fs::copy(&p, project.path().join("experiments").join(p.file_name().unwrap()))
-                .unwrap();
+            std::fs::copy(
+                &p,
+                project
+                    .path()
+                    .join("experiments")
+                    .join(p.file_name().unwrap()),
+            )
+            .unwrap();
         }
     }
     let store = posttrain::store::Store::new(project.path().join("store"));

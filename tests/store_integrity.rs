@@ -75,13 +75,23 @@ fn gc_after_a_killed_run_keeps_what_it_finished() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
     );
-    assert!(stdout.contains("removed 0 entries, 1 unfinished builds"), "{stdout}");
+    assert!(
+        stdout.contains("removed 0 entries, 1 unfinished builds"),
+        "{stdout}"
+    );
     assert!(stderr.contains("ended unfinished"), "{stderr}");
-    assert_eq!(p.store_keys(), keys, "a killed run's finished entry survives");
+    assert_eq!(
+        p.store_keys(),
+        keys,
+        "a killed run's finished entry survives"
+    );
 }
 
 fn world(docs: u32) -> String {
-    format!("[stages.world]\nkind = \"synth\"\n{}", SMALL_WORLD.replace("corpus_docs = 300", &format!("corpus_docs = {docs}")))
+    format!(
+        "[stages.world]\nkind = \"synth\"\n{}",
+        SMALL_WORLD.replace("corpus_docs = 300", &format!("corpus_docs = {docs}"))
+    )
 }
 
 #[test]
@@ -121,18 +131,25 @@ fn gc_keeps_current_files_and_last_runs_and_honours_older_than() {
     assert!(out.contains("would remove 0 entries"), "{out}");
     let out = p.ok(&["gc", "--last-runs", "0", "--older-than", "1h"]);
     assert!(out.contains("removed 0 entries"), "{out}");
-    assert!(out.contains("kept 1 unused entries published within --older-than"), "{out}");
+    assert!(
+        out.contains("kept 1 unused entries published within --older-than"),
+        "{out}"
+    );
     let out = p.ok(&["gc", "--last-runs", "0"]);
     assert!(out.contains("removed 1 entries"), "{out}");
     // What the experiment file references now is always kept.
     assert_eq!(p.store_keys().len(), 1);
     let err = p.fails(&["gc", "--older-than", "soon"]);
-    assert!(err.contains("--older-than `soon` is not a duration"), "{err}");
+    assert!(
+        err.contains("--older-than `soon` is not a duration"),
+        "{err}"
+    );
 }
 
 #[test]
 fn make_gc_does_not_delete_unless_asked() {
-    let makefile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Makefile")).unwrap();
+    let makefile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Makefile")).unwrap();
     let recipe: Vec<&str> = makefile
         .split("\ngc: build\n")
         .nth(1)
@@ -140,7 +157,10 @@ fn make_gc_does_not_delete_unless_asked() {
         .lines()
         .take_while(|l| l.starts_with('\t'))
         .collect();
-    assert!(recipe.iter().any(|l| l.contains("gc --dry-run")), "{recipe:?}");
+    assert!(
+        recipe.iter().any(|l| l.contains("gc --dry-run")),
+        "{recipe:?}"
+    );
     assert!(
         recipe.iter().all(|l| !l.trim_end().ends_with(" gc")),
         "{recipe:?}"
@@ -186,7 +206,10 @@ fn a_hit_with_a_missing_or_truncated_file_warns_and_rebuilds() {
     f.set_len(10).unwrap();
     let out = p.run(&["run", "chain"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("has 10 bytes, its manifest says"), "{stderr}");
+    assert!(
+        stderr.contains("has 10 bytes, its manifest says"),
+        "{stderr}"
+    );
     assert_eq!(p.ran("chain"), ["world"]);
 }
 
@@ -208,7 +231,10 @@ fn verify_rehashes_and_rebuilds_a_corrupt_entry() {
     assert!(out.contains("verified 2 entries"), "{out}");
     assert_eq!(p.ran("chain"), ["forum"]);
     let out = p.ok(&["verify"]);
-    assert!(out.contains("verified 2 entries") && out.contains(": 0 corrupt"), "{out}");
+    assert!(
+        out.contains("verified 2 entries") && out.contains(": 0 corrupt"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -376,7 +376,10 @@ pub fn load_comparisons(
                 Err(_) => vec![None; prompts.len()],
             };
             // A NaN or inf margin would surface as "training diverged".
-            if let Some(row) = margins.iter().position(|m| m.is_some_and(|m| !m.is_finite())) {
+            if let Some(row) = margins
+                .iter()
+                .position(|m| m.is_some_and(|m| !m.is_finite()))
+            {
                 return Err(invalid(
                     path,
                     format!(

@@ -27,7 +27,9 @@ pub fn check(what: &str, name: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
     {
-        return Err(format!("the {what} name `{name}` has the character {bad:?}"));
+        return Err(format!(
+            "the {what} name `{name}` has the character {bad:?}"
+        ));
     }
     if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
         return Err(format!(
@@ -51,10 +53,22 @@ mod tests {
         for ok in ["llama-dpo", "a", "run_2.b", "7up"] {
             assert!(check("experiment", ok).is_ok(), "{ok}");
         }
-        for bad in ["", "store", "../../outside", "a/b", ".hidden", "-x", "sp ace", "é"] {
+        for bad in [
+            "",
+            "store",
+            "../../outside",
+            "a/b",
+            ".hidden",
+            "-x",
+            "sp ace",
+            "é",
+        ] {
             assert!(check("experiment", bad).is_err(), "{bad}");
         }
-        assert!(check("stage", "store").is_ok(), "only results/ has reserved names");
+        assert!(
+            check("stage", "store").is_ok(),
+            "only results/ has reserved names"
+        );
         assert!(check("stage", "sft/v2").is_err());
     }
 }

@@ -257,7 +257,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => 3600,
         "d" => 86400,
         "w" => 7 * 86400,
-        _ => return Err(format!("`{text}`: unknown unit `{unit}`: use s, m, h, d or w")),
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit `{unit}`: use s, m, h, d or w"
+            ))
+        }
     };
     Ok(Duration::from_secs(n.saturating_mul(secs)))
 }

@@ -83,7 +83,13 @@ impl Lease {
             .to_string();
         let safe_host: String = host
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let path = dir.join(format!("{safe_host}-{pid}-{nonce}.json"));
         let mut file = std::fs::OpenOptions::new()

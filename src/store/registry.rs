@@ -92,7 +92,10 @@ pub fn record(
     }
     std::fs::create_dir_all(path.parent().expect("under .roots"))?;
     let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&rec).map_err(io::Error::other)?)?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&rec).map_err(io::Error::other)?,
+    )?;
     std::fs::rename(tmp, path)
 }
 

@@ -108,12 +108,18 @@ mod tests {
         assert!(store.problem("a").unwrap().contains("data.bin"));
         assert!(store.manifest("b").is_none());
         assert!(store.problem("b").unwrap().contains("has 5 bytes"));
-        assert!(store.manifest("c").is_some(), "same size: only verify sees it");
+        assert!(
+            store.manifest("c").is_some(),
+            "same size: only verify sees it"
+        );
         let keys: BTreeSet<String> = ["a", "b", "c"].map(String::from).into();
         let report = verify(&store, &keys, true).unwrap();
         assert_eq!(report.corrupt.len(), 3, "{report:?}");
         assert!(report.corrupt[2].1.contains("blake3"), "{report:?}");
-        assert!(store.keys().unwrap().is_empty(), "corrupt entries moved out");
+        assert!(
+            store.keys().unwrap().is_empty(),
+            "corrupt entries moved out"
+        );
     }
 
     #[test]
@@ -124,7 +130,10 @@ mod tests {
         // What a gc killed between its rename and its delete leaves.
         let aside = store.move_to_trash(&store.entry_dir("a"), "a").unwrap();
         assert!(aside.exists());
-        assert!(store.keys().unwrap().is_empty(), "a trashed entry is not an entry");
+        assert!(
+            store.keys().unwrap().is_empty(),
+            "a trashed entry is not an entry"
+        );
         let report = store.gc(&BTreeSet::new(), None, false, false).unwrap();
         assert_eq!(report.trash, 1);
         assert!(!aside.exists());
