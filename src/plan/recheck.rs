@@ -18,6 +18,8 @@ type Stat = (u64, i128, i128, u64);
 #[derive(Debug, Default)]
 pub struct DatasetSnapshot {
     files: Vec<(String, PathBuf, Stat)>,
+    /// Each dataset's path and its list of files (a folder may gain one).
+    listings: Vec<(String, PathBuf, Vec<PathBuf>)>,
 }
 
 fn stat(path: &Path) -> std::io::Result<Stat> {
@@ -57,6 +59,7 @@ pub fn before_run(
             let s = stat(f).map_err(|e| format!("dataset `{}`: {e}", d.path))?;
             snap.files.push((d.path.clone(), f.clone(), s));
         }
+        snap.listings.push((d.path.clone(), path.clone(), files));
         let now = hashes
             .hash_path(&path)
             .map_err(|e| format!("dataset `{}`: {e}", d.path))?;
@@ -75,6 +78,14 @@ pub fn before_run(
 /// Check that no dataset file was written, replaced or removed since
 /// [`before_run`].
 pub fn before_publish(snap: &DatasetSnapshot) -> Result<(), String> {
+    for (dataset, path, files) in &snap.listings {
+        if files_of(path) != *files {
+            return Err(format!(
+                "dataset `{dataset}` changed while the stage ran (files were added to or removed from {})",
+                path.display()
+            ));
+        }
+    }
     for (dataset, file, then) in &snap.files {
         match stat(file) {
             Ok(now) if now == *then => {}
@@ -87,4 +98,58 @@ pub fn before_publish(snap: &DatasetSnapshot) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::DatasetInput;
+
+    fn identity(hash: String) -> StageIdentity {
+        StageIdentity {
+            key: "k".into(),
+            kind: "dataset".into(),
+            recipe_version: 1,
+            seed: 0,
+            settings: serde_json::json!({}),
+            upstream: vec![],
+            datasets: vec![DatasetInput {
+                field: "input".into(),
+                path: "d".into(),
+                hash,
+            }],
+        }
+    }
+
+    #[test]
+    fn an_edit_before_the_stage_and_an_edit_restored_during_it_are_both_caught() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("d");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.txt"), "original").unwrap();
+        let mut hashes = HashCache::in_memory();
+        let planned = identity(hashes.hash_path(&dir).unwrap());
+
+        let snap = before_run(root.path(), &planned, &mut hashes).unwrap();
+        assert!(before_publish(&snap).is_ok());
+        // Edited and restored while the stage read it: same bytes, new ctime.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(dir.join("a.txt"), "edited!!").unwrap();
+        std::fs::write(dir.join("a.txt"), "original").unwrap();
+        let err = before_publish(&snap).unwrap_err();
+        assert!(err.contains("changed while the stage ran"), "{err}");
+
+        let snap = before_run(root.path(), &planned, &mut hashes).unwrap();
+        std::fs::write(dir.join("b.txt"), "new file").unwrap();
+        assert!(before_publish(&snap)
+            .unwrap_err()
+            .contains("added to or removed"));
+
+        std::fs::write(dir.join("a.txt"), "edited!!").unwrap();
+        let err = before_run(root.path(), &planned, &mut hashes).unwrap_err();
+        assert!(
+            err.contains("changed after the run planned this stage"),
+            "{err}"
+        );
+    }
 }
