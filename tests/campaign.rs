@@ -185,7 +185,7 @@ fn sigkill_gc_mid_delete_never_leaves_half_an_entry() {
     let mut rng = Rng(seed() + 1);
     let (mut mid_delete, mut runs) = (0, 0);
     for i in 0..kills() {
-        fill(&store, 12, 400, i);
+        fill(&store, 8, 150, i);
         let before = store.keys().unwrap().len();
         let mut child = p.command(&["gc", "--quiet"]).spawn().unwrap();
         // Wait until gc has begun deleting, then kill it a little later.
@@ -254,11 +254,13 @@ fn gc_racing_runs_whose_experiment_files_change_never_breaks_a_run() {
         p.write("experiments/b.toml", &pipeline(200 + i as u64));
         let a = p
             .command(&["run", "a", "--quiet"])
+            .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let b = p
             .command(&["run", "b", "--quiet"])
+            .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();

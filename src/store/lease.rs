@@ -164,7 +164,12 @@ pub fn scan(store_dir: &Path, dry_run: bool) -> io::Result<LeaseScan> {
         let Some(locked) = super::lock::is_locked(&path)? else {
             continue;
         };
-        let meta = std::fs::metadata(&path)?;
+        // A run that finishes meanwhile removes its lease: nothing to keep.
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
         let age = meta
             .modified()
             .ok()

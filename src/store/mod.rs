@@ -273,6 +273,9 @@ impl Store {
             let Some(_lock) = lock::try_lock_key(&self.locks_dir(), &key)? else {
                 continue;
             };
+            if !dir.exists() {
+                continue; // verify moved it out meanwhile
+            }
             report.bytes += dir_size(&dir);
             report.entries.push(key.clone());
             if !dry_run {
@@ -286,7 +289,7 @@ impl Store {
                 report.bytes += dir_size(&path);
                 report.trash += 1;
                 if !dry_run {
-                    std::fs::remove_dir_all(&path)?;
+                    remove_if_there(&path)?;
                 }
             }
         }
@@ -306,7 +309,7 @@ impl Store {
                 report.bytes += dir_size(&path);
                 report.temporary.push(name);
                 if !dry_run {
-                    std::fs::remove_dir_all(&path)?;
+                    remove_if_there(&path)?;
                 }
             }
         }
@@ -317,7 +320,9 @@ impl Store {
             report.cache_bytes = dir_size(&cache);
             report.bytes += report.cache_bytes;
             if !dry_run {
-                std::fs::remove_dir_all(&cache)?;
+                // A run starting now may be writing it: what is left is
+                // only speed, the next gc tries again.
+                let _ = std::fs::remove_dir_all(&cache);
             }
         }
         Ok(report)
@@ -359,6 +364,15 @@ fn hash_outputs(dir: &Path) -> io::Result<Vec<OutputFile>> {
         });
     }
     Ok(outputs)
+}
+
+/// Remove a folder that a run may remove first (a build folder it just
+/// published, an old entry it moved aside and deleted itself).
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 fn sync_dir(dir: &Path) {
