@@ -283,13 +283,9 @@ fn an_error_cause_is_printed_once() {
         first.contains("config.json: No such file or directory"),
         "{first}"
     );
-    // Every ": "-separated part appears once.
-    let parts: Vec<&str> = first.split(": ").collect();
-    for part in &parts {
-        assert_eq!(
-            first.matches(part).count(),
-            1,
-            "`{part}` repeated in: {first}"
-        );
-    }
+    assert_eq!(
+        first.matches("No such file or directory").count(),
+        1,
+        "the cause is printed once: {first}"
+    );
 }
