@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use posttrain::experiment::{self, Experiment};
 use posttrain::runner::{self, Project, RunOptions, Status};
+use posttrain::store::lease::Lease;
 use posttrain::text::table;
 
 #[derive(Parser)]
@@ -201,14 +202,15 @@ fn render_error(err: &anyhow::Error) -> String {
     out
 }
 
-/// The store folder of a model stage; a stage that writes no model is
-/// refused by name, with the experiment's model stages.
+/// The store folder of a model stage, leased (so gc leaves it) until the
+/// returned lease drops; a stage that writes no model is refused by name,
+/// with the experiment's model stages.
 fn model_stage(
     project: &Project,
     exp: &Experiment,
     stage: &str,
     command: &str,
-) -> anyhow::Result<PathBuf> {
+) -> anyhow::Result<(PathBuf, Option<Lease>)> {
     let models: Vec<&str> = exp
         .stages
         .iter()
@@ -229,13 +231,30 @@ fn model_stage(
             );
         }
     }
-    Ok(runner::stage_output(project, exp, stage)?)
+    let dir = runner::stage_output(project, exp, stage)?;
+    let key = dir.file_name().unwrap_or_default().to_string_lossy();
+    let keys = std::iter::once(key.into_owned()).collect();
+    let mut lease = Lease::take(&project.store, &exp.name, &project.root, &keys)
+        .context("cannot lease the model's store entry")?;
+    lease.remove_on_drop = true;
+    // gc may have removed it between the plan and the lease.
+    if !dir.join("config.json").is_file() {
+        anyhow::bail!(
+            "the store entry of `{stage}` was removed meanwhile (by gc?)\n  help: build it again: posttrain run {} --until {stage}",
+            exp.name
+        );
+    }
+    Ok((dir, Some(lease)))
 }
 
 /// A model folder given as a path or as EXPERIMENT:STAGE.
-fn model_dir(project: &Project, model: &str, command: &str) -> anyhow::Result<PathBuf> {
+fn model_dir(
+    project: &Project,
+    model: &str,
+    command: &str,
+) -> anyhow::Result<(PathBuf, Option<Lease>)> {
     if Path::new(model).is_dir() {
-        Ok(PathBuf::from(model))
+        Ok((PathBuf::from(model), None))
     } else if let Some((exp, stage)) = model.split_once(':') {
         let exp = load(project, exp)?;
         model_stage(project, &exp, stage, command)
@@ -561,7 +580,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 anyhow::anyhow!("sample: {e}\n  help: --temperature, --top-p and --max-new-tokens follow the rules of a stage's `sampling` table")
             })?;
             let exp = load(&project, &experiment)?;
-            let dir = model_stage(&project, &exp, &stage, "sample")?;
+            let (dir, _lease) = model_stage(&project, &exp, &stage, "sample")?;
             let choice = posttrain::chat::TemplateChoice::parse(
                 Some(&chat_template),
                 &std::env::current_dir().context("no current directory")?,
@@ -591,7 +610,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Export { model, out, kind } => {
-            let dir = model_dir(&project, &model, "export")?;
+            let (dir, _lease) = model_dir(&project, &model, "export")?;
             let Some(kind) = posttrain::model::gguf_checkpoint::ExportType::parse(&kind) else {
                 anyhow::bail!("--type `{kind}`: use f32, f16 or q8_0");
             };
@@ -607,7 +626,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ids,
             perplexity,
         } => {
-            let dir = model_dir(&project, &model, "score")?;
+            let (dir, _lease) = model_dir(&project, &model, "score")?;
             let scorer = posttrain::model::score::Scorer::load(&dir)?;
             if let Some(file) = perplexity {
                 let docs: Vec<String> = if file.extension().is_some_and(|e| e == "parquet") {

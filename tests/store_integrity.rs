@@ -273,3 +273,24 @@ fn a_dataset_changed_during_the_run_is_not_cached_under_its_old_hash() {
     p.ok(&["run", "edit"]);
     assert_eq!(p.ran("edit"), ["z_side"]);
 }
+
+#[test]
+fn score_of_a_stage_leaves_no_lease_behind() {
+    let p = TestProject::new();
+    p.write(
+        "experiments/tiny.toml",
+        &format!(
+            "[stages.world]\nkind = \"synth\"\n{SMALL_WORLD}\n[stages.tok]\nkind = \"tokenizer\"\ncorpus = {{ stage = \"world\", file = \"corpus.parquet\" }}\nvocab_size = 300\n\n[stages.base]\nkind = \"pretrain\"\ntokenizer = \"tok\"\ncorpus = {{ stage = \"world\", file = \"corpus.parquet\" }}\nseq_len = 16\nmodel = {{ hidden_size = 16, num_hidden_layers = 1, num_attention_heads = 2, num_key_value_heads = 1, intermediate_size = 32 }}\ntrain = {{ steps = 2, batch_size = 2, eval_every = 0 }}\n"
+        ),
+    );
+    p.ok(&["run", "tiny", "--quiet"]);
+    let out = p.ok(&["score", "tiny:base", "--ids", "1,2,3"]);
+    assert!(out.contains("\"logprobs\""), "{out}");
+    let leases = std::fs::read_dir(p.path("results/store/.leases"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(
+        leases, 0,
+        "a finished run and a finished score leave no lease"
+    );
+}

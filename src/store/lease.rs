@@ -52,6 +52,8 @@ pub struct Lease {
     _file: File,
     stop: Option<mpsc::Sender<()>>,
     refresher: Option<std::thread::JoinHandle<()>>,
+    /// A reader's lease (sample, score, export) goes when it is dropped.
+    pub remove_on_drop: bool,
 }
 
 /// This machine's name (for lease files and the root registry).
@@ -119,6 +121,7 @@ impl Lease {
             _file: file,
             stop: Some(stop),
             refresher: Some(refresher),
+            remove_on_drop: false,
         })
     }
 
@@ -133,6 +136,9 @@ impl Drop for Lease {
         drop(self.stop.take());
         if let Some(t) = self.refresher.take() {
             let _ = t.join();
+        }
+        if self.remove_on_drop {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }
