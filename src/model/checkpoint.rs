@@ -222,6 +222,16 @@ impl Imported {
         &self.params.config
     }
 
+    /// The first tensor holding a NaN or infinite value, and that value.
+    pub fn first_non_finite(&self) -> Option<(String, f32)> {
+        self.params.named().into_iter().find_map(|(name, t)| {
+            t.as_vec()
+                .into_iter()
+                .find(|v| !v.is_finite())
+                .map(|v| (name, v))
+        })
+    }
+
     /// At least `vocab` embedding rows (see [`LlamaParams::grow_vocab`]).
     pub fn grow_vocab(&mut self, vocab: usize) {
         self.params.grow_vocab(vocab);
