@@ -462,9 +462,17 @@ impl SlurmRun<'_> {
         let mut delay = Duration::from_millis(250);
         let result: Result<(), RunError> = loop {
             if INTERRUPTED.load(Ordering::SeqCst) {
+                // Fresh states: a job that ended since the last poll stays.
+                let open: Vec<&str> = tracked
+                    .iter()
+                    .filter(|t| t.ours && !is_final(&t.state))
+                    .map(|t| t.job.as_str())
+                    .collect();
+                let now = job_states(&open);
                 let ours: Vec<&Tracked> = tracked
                     .iter()
                     .filter(|t| t.ours && !is_final(&t.state))
+                    .filter(|t| now.get(&t.job).is_none_or(|s| !is_final(s)))
                     .collect();
                 let ids: Vec<&str> = ours.iter().map(|t| t.job.as_str()).collect();
                 if !ids.is_empty() {
