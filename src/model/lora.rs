@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use dfdx::prelude::*;
-use safetensors::{Dtype as StDtype, SafeTensors};
+use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::CheckpointError;
@@ -336,29 +336,16 @@ impl<D: Device<f32>> LlamaParams<f32, D> {
         let path = dir.join(ADAPTER_CONFIG);
         let text = serde_json::to_string_pretty(&config).expect("JSON") + "\n";
         std::fs::write(&path, text).map_err(io(&path))?;
-        let data: Vec<(String, Vec<usize>, Vec<u8>)> = self
+        let tensors: Vec<super::checkpoint::NamedTensor<D>> = self
             .trainable()
             .into_iter()
             .map(|(name, t)| {
                 let (r, c) = *t.shape();
-                let bytes = t.as_vec().iter().flat_map(|x| x.to_le_bytes()).collect();
-                (name, vec![r, c], bytes)
-            })
-            .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView)> = data
-            .iter()
-            .map(|(n, shape, b)| {
-                let v = safetensors::tensor::TensorView::new(StDtype::F32, shape.clone(), b)
-                    .expect("sizes agree");
-                (n.clone(), v)
+                (name, vec![r, c], t)
             })
             .collect();
         let path = dir.join(ADAPTER_WEIGHTS);
-        let bytes =
-            safetensors::serialize(views, None).map_err(|e| CheckpointError::Safetensors {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+        let bytes = super::checkpoint::f32_safetensors(&path, &tensors)?;
         std::fs::write(&path, bytes).map_err(io(&path))
     }
 
@@ -408,26 +395,7 @@ impl<D: Device<f32>> LlamaParams<f32, D> {
             message: e.to_string(),
         })?;
         for (name, t) in self.trainable_mut() {
-            let view = st
-                .tensor(&name)
-                .map_err(|_| bad(&wpath, format!("tensor `{name}` is missing")))?;
-            let (r, c) = *t.shape();
-            if view.shape() != [r, c] || view.dtype() != StDtype::F32 {
-                return Err(bad(
-                    &wpath,
-                    format!(
-                        "tensor `{name}` is {:?} {:?}, expected F32 [{r}, {c}]",
-                        view.dtype(),
-                        view.shape()
-                    ),
-                ));
-            }
-            let values: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            *t = t.device().tensor_from_vec(values, (r, c));
+            *t = super::checkpoint::f32_matrix(&st, &wpath, &name, t)?;
         }
         Ok(s)
     }
