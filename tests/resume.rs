@@ -13,27 +13,9 @@ use polars::prelude::*;
 
 const KILL_ENV: &str = "POSTTRAIN_FAULT_KILL_AFTER_CHECKPOINTS";
 
-fn experiment(world: &str) -> String {
+fn experiment() -> String {
     format!(
-        r#"[experiment]
-seed = 3
-
-[stages.world]
-kind = "synth"
-{world}
-[stages.tokenizer]
-kind = "tokenizer"
-corpus = {{ stage = "world", file = "corpus.parquet" }}
-vocab_size = 300
-
-[stages.base]
-kind = "pretrain"
-tokenizer = "tokenizer"
-corpus = {{ stage = "world", file = "corpus.parquet" }}
-seq_len = 24
-eval_fraction = 0.1
-model = {{ hidden_size = 16, num_hidden_layers = 1, num_attention_heads = 2, num_key_value_heads = 1, intermediate_size = 32 }}
-train = {{ steps = 12, batch_size = 4, lr = 5e-3, warmup_steps = 2, eval_every = 5, checkpoint_every = 4 }}
+        r#"{base}
 
 [stages.sft]
 kind = "sft"
@@ -67,7 +49,12 @@ target_kl = 1.0
 sampling = {{ max_new_tokens = 8 }}
 train = {{ steps = 5, batch_size = 4, lr = 1e-3, warmup_steps = 1, checkpoint_every = 2 }}
 "#,
-        world = world
+        base = common::tiny_base(
+            3,
+            1,
+            r#"eval_fraction = 0.1
+train = { steps = 12, batch_size = 4, lr = 5e-3, warmup_steps = 2, eval_every = 5, checkpoint_every = 4 }"#
+        ),
     )
 }
 
@@ -101,7 +88,7 @@ fn metric_rows(dir: &std::path::Path) -> String {
 #[test]
 fn every_training_kind_resumes_to_the_same_bytes() {
     let p = TestProject::new();
-    p.write("experiments/resume.toml", &experiment(common::SMALL_WORLD));
+    p.write("experiments/resume.toml", &experiment());
     // Each training stage in turn: killed after its first snapshot, then
     // resumed; then rebuilt from scratch with --force for the reference.
     for stage in ["base", "sft", "rm", "dpo", "ppo"] {
@@ -154,7 +141,7 @@ fn every_training_kind_resumes_to_the_same_bytes() {
 #[test]
 fn checkpoint_every_is_not_in_the_key() {
     let p = TestProject::new();
-    let text = experiment(common::SMALL_WORLD);
+    let text = experiment();
     p.write("experiments/resume.toml", &text);
     let before = p.plan_json("resume");
     p.write(
@@ -174,7 +161,7 @@ fn checkpoint_every_is_not_in_the_key() {
 fn a_kill_at_a_random_point_resumes_too() {
     // A real `kill -9` from outside, once a snapshot exists.
     let p = TestProject::new();
-    let text = experiment(common::SMALL_WORLD).replace(
+    let text = experiment().replace(
         "train = { steps = 12, batch_size = 4, lr = 5e-3, warmup_steps = 2, eval_every = 5, checkpoint_every = 4 }",
         "train = { steps = 400, batch_size = 4, lr = 5e-3, warmup_steps = 2, eval_every = 0, checkpoint_every = 5 }",
     );

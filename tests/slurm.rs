@@ -36,24 +36,7 @@ fn cluster() -> Option<std::sync::MutexGuard<'static, ()>> {
 /// world -> tokenizer -> base -> two dpo variants (a matrix) -> eval.
 fn experiment(dpo_steps: usize, dpo_max_len: usize, base_steps: usize) -> String {
     format!(
-        r#"[experiment]
-seed = 4
-
-[stages.world]
-kind = "synth"
-{world}
-[stages.tokenizer]
-kind = "tokenizer"
-corpus = {{ stage = "world", file = "corpus.parquet" }}
-vocab_size = 300
-
-[stages.base]
-kind = "pretrain"
-tokenizer = "tokenizer"
-corpus = {{ stage = "world", file = "corpus.parquet" }}
-seq_len = 24
-model = {{ hidden_size = 16, num_hidden_layers = 1, num_attention_heads = 2, num_key_value_heads = 1, intermediate_size = 32 }}
-train = {{ steps = {base_steps}, batch_size = 4, lr = 5e-3, warmup_steps = 2, eval_every = 0, checkpoint_every = 20 }}
+        r#"{base}
 resources = {{ cpus = 1, mem = "1G" }}
 
 [stages.dpo]
@@ -74,7 +57,13 @@ prompts = {{ stage = "world", file = "prompts_test.parquet", max_rows = 4 }}
 sampling = {{ max_new_tokens = 6 }}
 resources = {{ cpus = 1, mem = "1G" }}
 "#,
-        world = common::SMALL_WORLD
+        base = common::tiny_base(
+            4,
+            1,
+            &format!(
+                r#"train = {{ steps = {base_steps}, batch_size = 4, lr = 5e-3, warmup_steps = 2, eval_every = 0, checkpoint_every = 20 }}"#
+            )
+        ),
     )
 }
 

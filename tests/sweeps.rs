@@ -8,24 +8,7 @@ use common::TestProject;
 
 fn experiment(dpo_extra: &str, eval_policies: &str) -> String {
     format!(
-        r#"[experiment]
-seed = 2
-
-[stages.world]
-kind = "synth"
-{world}
-[stages.tokenizer]
-kind = "tokenizer"
-corpus = {{ stage = "world", file = "corpus.parquet" }}
-vocab_size = 300
-
-[stages.base]
-kind = "pretrain"
-tokenizer = "tokenizer"
-corpus = {{ stage = "world", file = "corpus.parquet" }}
-seq_len = 24
-model = {{ hidden_size = 16, num_hidden_layers = 1, num_attention_heads = 2, num_key_value_heads = 1, intermediate_size = 32 }}
-train = {{ steps = 10, batch_size = 4, lr = 5e-3, warmup_steps = 2, eval_every = 0 }}
+        r#"{base}
 
 [stages.dpo]
 kind = "dpo"
@@ -43,7 +26,11 @@ gold = "world"
 prompts = {{ stage = "world", file = "prompts_test.parquet", max_rows = 4 }}
 sampling = {{ max_new_tokens = 6 }}
 "#,
-        world = common::SMALL_WORLD
+        base = common::tiny_base(
+            2,
+            1,
+            r#"train = { steps = 10, batch_size = 4, lr = 5e-3, warmup_steps = 2, eval_every = 0 }"#
+        ),
     )
 }
 

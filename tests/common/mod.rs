@@ -52,6 +52,33 @@ max_len = 64
 train = { steps = 100, batch_size = 12, lr = 2e-3, warmup_steps = 5, eval_every = 0 }
 "#;
 
+/// `[experiment] seed`, then world (SMALL_WORLD) -> tokenizer (vocabulary
+/// 300) -> base: a pretrain of a 16-wide Llama with `layers` layers whose
+/// other fields (`train`, ...) are `base`. Tests append their stages.
+pub fn tiny_base(seed: u64, layers: usize, base: &str) -> String {
+    format!(
+        r#"[experiment]
+seed = {seed}
+
+[stages.world]
+kind = "synth"
+{SMALL_WORLD}
+[stages.tokenizer]
+kind = "tokenizer"
+corpus = {{ stage = "world", file = "corpus.parquet" }}
+vocab_size = 300
+
+[stages.base]
+kind = "pretrain"
+tokenizer = "tokenizer"
+corpus = {{ stage = "world", file = "corpus.parquet" }}
+seq_len = 24
+model = {{ hidden_size = 16, num_hidden_layers = {layers}, num_attention_heads = 2, num_key_value_heads = 1, intermediate_size = 32 }}
+{base}
+"#
+    )
+}
+
 /// Small sizes so a synth stage takes milliseconds.
 pub const SMALL_WORLD: &str = "corpus_docs = 300
 demonstrations = 50
