@@ -89,6 +89,23 @@ fn outputs(p: &TestProject, exp: &str) -> BTreeMap<String, (String, Vec<(String,
         .collect()
 }
 
+/// Wait until `stage`'s job runs (as `plan --json` reports it); its id.
+fn running_job(p: &TestProject, exp: &str, stage: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let plan = p.plan_json(exp);
+        let s = plan.iter().find(|s| s["name"] == stage).unwrap();
+        if s["job"]["state"] == "RUNNING" {
+            return s["job"]["id"].as_str().expect("a job id").to_string();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{stage} never ran: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn entry_times(p: &TestProject, exp: &str, stage: &str) -> (String, String) {
     let record =
         posttrain::results::record::RunRecord::read(&p.path(&format!("results/{exp}"))).unwrap();
@@ -348,20 +365,7 @@ fn detach_then_status_then_cancel() {
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stderr.matches("Submitted").count(), 3, "{stderr}");
     // status: every stale stage shows its job.
-    let started = Instant::now();
-    loop {
-        let plan = p.plan_json("d");
-        let base = plan.iter().find(|s| s["name"] == "base").unwrap();
-        assert!(base["job"]["id"].is_string(), "{base}");
-        if base["job"]["state"] == "RUNNING" {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "base never ran: {base}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    running_job(&p, "d", "base");
     let table = p.ok(&["status", "d"]);
     assert!(table.contains("running (job "), "{table}");
     let out = p.ok(&["cancel", "d"]);
@@ -386,27 +390,7 @@ fn ctrl_c_cancels_the_jobs_this_run_submitted() {
         .spawn()
         .unwrap();
     // Wait until base runs, then interrupt the waiting run as Ctrl-C does.
-    let started = Instant::now();
-    loop {
-        let plan = p.plan_json("i");
-        let base = plan.iter().find(|s| s["name"] == "base").unwrap();
-        if base["job"]["state"] == "RUNNING" {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "base never ran: {base}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let base_job = p
-        .plan_json("i")
-        .into_iter()
-        .find(|s| s["name"] == "base")
-        .unwrap()["job"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let base_job = running_job(&p, "i", "base");
     assert!(Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
