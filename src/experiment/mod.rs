@@ -3,8 +3,10 @@
 //! all before anything runs. Loading is two steps, as the style guide asks:
 //! [`source::read`] gives the raw merged tables; [`load`] resolves them.
 
+pub mod defaults;
 pub mod error;
 pub mod matrix;
+pub mod references;
 pub mod resources;
 pub mod source;
 
@@ -126,6 +128,13 @@ pub fn load(path: &Path, root: &Path) -> Result<Experiment, ExperimentError> {
     for name in matrix::expand_references(&stages, &mut raw_stages, &groups)? {
         let stage = resolve_stage(&name, &raw_stages[&name], header.seed)?;
         stages.insert(name, stage);
+    }
+    let kinds: BTreeMap<String, &'static str> = stages
+        .iter()
+        .map(|(n, s)| (n.clone(), s.settings.kind()))
+        .collect();
+    for stage in stages.values_mut() {
+        defaults::resolve(&mut stage.settings, &|n| kinds.get(n).copied());
     }
     check_references(&stages, &raw_stages)?;
     check_datasets(&stages, &raw_stages, root)?;
@@ -421,6 +430,10 @@ fn check_references(
                 ));
                 return Err(err);
             };
+            if let InputTarget::Stage(_) = &input.target {
+                let at = at.clone().or(Some(raw[name].header.clone()));
+                check_kind(name, stage, &input.field, upstream, stages, at)?;
+            }
             if let InputTarget::StageFile { file, .. } = &input.target {
                 if let Some(outputs) = upstream.settings.outputs() {
                     if !outputs.contains(file) {
@@ -444,6 +457,49 @@ fn check_references(
         }
     }
     Ok(())
+}
+
+/// A reference names a stage whose kind produces what the field needs.
+fn check_kind(
+    name: &str,
+    stage: &Stage,
+    field: &str,
+    upstream: &Stage,
+    stages: &BTreeMap<String, Stage>,
+    at: Option<Location>,
+) -> Result<(), ExperimentError> {
+    let kind = stage.settings.kind();
+    let Some(wanted) = references::needs(kind, field) else {
+        return Ok(());
+    };
+    let up_kind = upstream.settings.kind();
+    let Some(missing) = references::mismatch(wanted, up_kind) else {
+        return Ok(());
+    };
+    let would_do = references::kinds_producing(wanted);
+    let candidates: Vec<&str> = stages
+        .iter()
+        .filter(|(n, s)| *n != name && would_do.contains(&s.settings.kind()))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let help = if candidates.is_empty() {
+        format!("kinds that would do: {}", would_do.join(", "))
+    } else {
+        format!(
+            "kinds that would do: {}; in this experiment: {}",
+            would_do.join(", "),
+            quoted_list(candidates.iter().copied())
+        )
+    };
+    Err(ExperimentError::new(
+        ErrorKind::WrongStageKind,
+        at,
+        format!(
+            "stage `{name}` (kind `{kind}`): `{field}` needs {missing}, but stage `{}` is a `{up_kind}` stage",
+            upstream.name
+        ),
+    )
+    .with_help(help))
 }
 
 fn check_datasets(

@@ -95,7 +95,7 @@ pub struct KtoSettings {
 fn default_beta() -> f64 {
     0.1
 }
-const DEFAULT_THRESHOLD: f64 = 5.0;
+pub(crate) const DEFAULT_THRESHOLD: f64 = 5.0;
 fn default_weight() -> f64 {
     1.0
 }
