@@ -56,6 +56,9 @@ enum Command {
         /// Slurm executor: submit the jobs and return without waiting (see `status`, `cancel`)
         #[arg(long)]
         detach: bool,
+        /// When a dataset has a problem, still build every stage whose data is fine
+        #[arg(long, short = 'k')]
+        keep_going: bool,
     },
     /// Cancel the cluster jobs submitted for an experiment's stages
     Cancel { experiment: String },
@@ -216,6 +219,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             executor,
             jobs,
             detach,
+            keep_going,
         } => {
             let exp = load(&project, &experiment)?;
             let config = runner::config::ProjectConfig::load(&project.root)?;
@@ -241,11 +245,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 quiet: cli.quiet,
                 executor,
                 detach,
+                keep_going,
             };
             let report = runner::run(&project, &exp, &options)?;
             print_run_report(&report, dry_run);
             if !dry_run {
-                print_eval_summary(&report.results_dir)?;
+                let stale_evals: Vec<&str> = report
+                    .stages
+                    .iter()
+                    .filter(|s| {
+                        s.kind == "eval"
+                            && matches!(s.status, Status::Skipped | Status::Blocked)
+                            && !s.reasons.is_empty()
+                    })
+                    .map(|s| s.name.as_str())
+                    .collect();
+                if stale_evals.is_empty() {
+                    print_eval_summary(&report.results_dir)?;
+                } else {
+                    println!(
+                        "eval table not shown: `{}` was not built for the current settings, so the last table is from an earlier configuration",
+                        stale_evals.join("`, `")
+                    );
+                }
+            }
+            if !report.blocked.is_empty() {
+                for (stage, why) in &report.blocked {
+                    eprintln!("error: stage `{stage}` not built: {}", why.join("; "));
+                }
+                return Ok(ExitCode::FAILURE);
             }
         }
         Command::Cancel { experiment } => {
@@ -323,6 +351,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "{}",
                     table(&["stage", "kind", "key", "status", "why"], &rows)
                 );
+                for problem in posttrain::plan::check_data::check(&exp, &project.root) {
+                    println!("data problem: {problem}");
+                }
                 let stale = plan.stages.iter().filter(|s| !s.cached).count();
                 if stale == 0 {
                     println!(
@@ -698,6 +729,12 @@ fn print_run_report(report: &runner::RunReport, dry_run: bool) {
         .iter()
         .filter(|s| s.status == Status::Ran)
         .count();
+    let skipped_stale: Vec<&str> = report
+        .stages
+        .iter()
+        .filter(|s| s.status == Status::Skipped && !s.reasons.is_empty())
+        .map(|s| s.name.as_str())
+        .collect();
     if dry_run {
         let would = report
             .stages
@@ -705,6 +742,20 @@ fn print_run_report(report: &runner::RunReport, dry_run: bool) {
             .filter(|s| s.status == Status::WouldRun)
             .count();
         println!("dry run: {would} stages would run");
+    } else if !skipped_stale.is_empty() || !report.blocked.is_empty() {
+        if !skipped_stale.is_empty() {
+            println!(
+                "not run: {} (stale, left out by --until; run without it to build them)",
+                skipped_stale.join(", ")
+            );
+        }
+        if !report.blocked.is_empty() {
+            let names: Vec<&str> = report.blocked.keys().map(String::as_str).collect();
+            println!("not run: {} (blocked by their data)", names.join(", "));
+        }
+        if ran > 0 {
+            println!("results in {}", report.results_dir.display());
+        }
     } else if ran == 0 {
         println!(
             "nothing to do: every stage was cached (see why with `posttrain plan {}`)",

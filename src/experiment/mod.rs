@@ -9,6 +9,7 @@ pub mod matrix;
 pub mod references;
 pub mod resources;
 pub mod source;
+pub mod splits;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -138,6 +139,7 @@ pub fn load(path: &Path, root: &Path) -> Result<Experiment, ExperimentError> {
     }
     check_references(&stages, &raw_stages)?;
     check_datasets(&stages, &raw_stages, root)?;
+    splits::check(&stages, &raw_stages)?;
     let experiment = Experiment {
         name: header.name,
         description: header.description,
