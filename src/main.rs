@@ -19,7 +19,15 @@ use posttrain::text::table;
     long_about = "Run LLM post-training experiments from TOML files.\n\n\
 An experiment (experiments/NAME.toml) is a DAG of stages. Every stage is keyed by a blake3 hash \
 of its kind, settings, upstream keys, dataset contents and seed; `run` computes only the stages \
-whose key is not in the store yet, and `plan` says why."
+whose key is not in the store yet, and `plan` says why.",
+    after_help = "Examples:\n  \
+posttrain run llama-dpo                 build every stale stage, reuse the rest\n  \
+posttrain plan llama-dpo                what would run and why (alias: status)\n  \
+posttrain run llama-dpo --until sft     only sft and what it reads\n  \
+posttrain run llama-dpo --keep-going    build what is fine when a dataset is not\n  \
+posttrain compare llama-dpo llama-rlhf  eval rows side by side, and the settings that differ\n  \
+posttrain sample llama-dpo dpo --prompt \"What is 2 plus 2?\"\n\n\
+Exit codes: 0 success; 1 an error (bad experiment, data, a failed stage); 2 a usage error (unknown flag, missing argument)."
 )]
 struct Cli {
     /// Store folder for stage outputs [default: results/store; env: POSTTRAIN_STORE]
@@ -66,7 +74,7 @@ enum Command {
     #[command(hide = true)]
     BuildJob { spec: PathBuf },
     /// Show each stage as cached or stale, and why
-    #[command(alias = "status")]
+    #[command(visible_alias = "status")]
     Plan {
         experiment: String,
         /// One JSON object per stage (name, kind, key, status, reasons)
@@ -130,6 +138,9 @@ enum Command {
         /// "model" (the model's own template when it has one), "posttrain", or a .jinja file
         #[arg(long, default_value = "model")]
         chat_template: String,
+        /// Read {"prompt": "..."} lines from stdin, write {"prompt", "answer", "finished"} lines
+        #[arg(long, conflicts_with = "prompt")]
+        jsonl: bool,
     },
     /// Write a model as a GGUF file (for llama.cpp and Ollama), with its tokenizer and chat template
     Export {
@@ -170,6 +181,9 @@ enum DataCommand {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Overwrite files already in the output folder
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -482,6 +496,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         .copied()
                         .chain(swept.iter().map(String::as_str))
                         .collect();
+                    let metrics = if metrics.is_empty() {
+                        // All metrics of every kind are dozens of columns:
+                        // the ones most stages have, as many as fit.
+                        let (shown, left) = compare::fitting_metrics(&df, &ids, terminal_width());
+                        if left > 0 {
+                            eprintln!(
+                                "{left} more metric columns: name them with --metrics a,b, or write all with --out FILE"
+                            );
+                        }
+                        shown
+                    } else {
+                        metrics
+                    };
                     compare::select_and_sort(df, &ids, &metrics, sort.as_deref())?
                 }
             };
@@ -499,7 +526,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let changed =
                     compare::changed_settings(&project.root, &experiments[0], &experiments[1]);
                 if changed.is_empty() {
-                    println!("no settings differ between stages of the same name");
+                    println!("no settings differ between the matching stages");
                 } else {
                     let rows: Vec<Vec<String>> = changed
                         .into_iter()
@@ -533,8 +560,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_new_tokens,
             seed,
             chat_template,
+            jsonl,
         } => {
             let exp = load(&project, &experiment)?;
+            if let Some(s) = exp.stages.get(&stage) {
+                let kind = s.settings.kind();
+                let is_model = experiment::references::produces(kind)
+                    .is_some_and(|p| p.contains(&experiment::references::Product::Model));
+                if !is_model {
+                    let models: Vec<&str> = exp
+                        .stages
+                        .iter()
+                        .filter(|(_, s)| {
+                            experiment::references::produces(s.settings.kind())
+                                .is_some_and(|p| p.contains(&experiment::references::Product::Model))
+                        })
+                        .map(|(n, _)| n.as_str())
+                        .collect();
+                    anyhow::bail!(
+                        "stage `{stage}` is a `{kind}` stage, not a model\n  help: model stages of `{}`: {}",
+                        exp.name,
+                        models.join(", ")
+                    );
+                }
+            }
             let dir = runner::stage_output(&project, &exp, &stage)?;
             let choice = posttrain::chat::TemplateChoice::parse(
                 Some(&chat_template),
@@ -548,16 +597,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 top_p,
                 max_new_tokens,
             };
-            if prompt.is_empty() {
+            if jsonl {
+                // One JSON object in, one out, in order: {"prompt": ...} ->
+                // {"prompt", "answer", "finished"}; a bad line is an error
+                // naming it, never a silently dropped row.
+                use std::io::BufRead;
+                for (i, line) in std::io::stdin().lock().lines().enumerate() {
+                    let line = line.context("cannot read standard input")?;
+                    let value: serde_json::Value = serde_json::from_str(&line)
+                        .with_context(|| format!("stdin line {}: not JSON", i + 1))?;
+                    let Some(text) = value.get("prompt").and_then(|p| p.as_str()) else {
+                        anyhow::bail!("stdin line {}: expected {{\"prompt\": \"...\"}}", i + 1);
+                    };
+                    let answer = model.answer(&[text.to_string()], &settings, seed + i as u64)?;
+                    let out = serde_json::json!({
+                        "prompt": text,
+                        "answer": answer[0].text,
+                        "finished": answer[0].finished,
+                    });
+                    println!("{out}");
+                }
+            } else if prompt.is_empty() {
                 use std::io::BufRead;
                 eprintln!("{stage} ({}): type a message, Ctrl-D to quit", exp.name);
                 for (i, line) in std::io::stdin().lock().lines().enumerate() {
                     let line = line.context("cannot read standard input")?;
                     if line.trim().is_empty() {
+                        // An empty answer keeps the answers in line with the input.
+                        println!();
                         continue;
                     }
                     let answer = model.answer(&[line], &settings, seed + i as u64)?;
-                    println!("{}", answer[0].text);
+                    // One line per answer, so answers stay in line with the input.
+                    println!("{}", answer[0].text.replace('\n', " "));
                 }
             } else {
                 for (p, a) in prompt.iter().zip(model.answer(&prompt, &settings, seed)?) {
@@ -634,7 +706,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
         }
-        Command::Data(DataCommand::Synth { out, seed }) => {
+        Command::Data(DataCommand::Synth { out, seed, force }) => {
+            let existing = std::fs::read_dir(&out).map_or(0, |d| d.count());
+            if existing > 0 && !force {
+                anyhow::bail!(
+                    "{} already holds {existing} files, which this would overwrite\n  help: pass --force to overwrite them, or write elsewhere with --out DIR",
+                    out.display()
+                );
+            }
             let cfg = posttrain::data::synth::SynthConfig::default();
             let mut data = posttrain::data::synth::generate(&cfg, seed)?;
             posttrain::data::synth::write(&mut data, &out)?;
@@ -645,6 +724,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Columns of the terminal on stdout (`COLUMNS` first), 120 when unknown.
+fn terminal_width() -> usize {
+    if let Some(w) = std::env::var("COLUMNS").ok().and_then(|v| v.parse().ok()) {
+        return w;
+    }
+    #[cfg(unix)]
+    {
+        // SAFETY: TIOCGWINSZ fills a winsize; nothing else is touched.
+        let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+        let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+        if ok && size.ws_col > 0 {
+            return size.ws_col as usize;
+        }
+    }
+    120
 }
 
 /// Polars' table printing: every column, no shape line, no dtype row,
@@ -672,10 +768,16 @@ fn print_eval_summary(results_dir: &std::path::Path) -> Result<()> {
         return Ok(());
     };
     set_table_format();
-    let summary = eval_table::summary(&df).context("cannot summarise the eval table")?;
-    println!(
-        "\nEval (gold = the synthetic world's gold score, [low, high] its 95% bootstrap interval; kl in nats):\n{summary}"
-    );
+    let width = terminal_width();
+    std::env::set_var("POLARS_TABLE_WIDTH", width.to_string());
+    let summary =
+        eval_table::summary_fitting(&df, width).context("cannot summarise the eval table")?;
+    let legend = if summary.column("gold").is_ok() {
+        "gold = the synthetic world's gold score, [low, high] its 95% bootstrap interval; kl in nats"
+    } else {
+        "reward = the reward model's score; kl in nats"
+    };
+    println!("\nEval ({legend}):\n{summary}");
     println!(
         "Full table: {}",
         results_dir.join(eval_table::EVAL_FILE).display()

@@ -345,7 +345,7 @@ fn settings_error(
             key_at.or(Some(raw.header.clone())),
             format!(
                 "unknown field `{field}` in {place}{}",
-                did_you_mean(&field, valid_names.iter().map(String::as_str))
+                suggestion(&field, &valid_names)
             ),
         )
         .with_help(format!(
@@ -377,6 +377,48 @@ fn settings_error(
         field_at(&top_field).or(Some(raw.header.clone())),
         format!("stage `{stage}`: field `{path}`: {message}"),
     )
+}
+
+/// Names people bring from Hugging Face / TRL for fields posttrain spells
+/// otherwise; suggested when the misspelling is not close to any name.
+const SYNONYMS: &[(&str, &str)] = &[
+    ("learning_rate", "lr"),
+    ("max_steps", "steps"),
+    ("num_steps", "steps"),
+    ("train_steps", "steps"),
+    ("per_device_train_batch_size", "batch_size"),
+    ("gradient_accumulation_steps", "grad_accum"),
+    ("warmup", "warmup_steps"),
+    ("lr_scheduler_type", "schedule"),
+    ("adam_beta1", "beta1"),
+    ("adam_beta2", "beta2"),
+    ("adam_epsilon", "eps"),
+    ("max_length", "max_len"),
+    ("max_seq_length", "max_len"),
+    ("max_prompt_length", "max_len"),
+    ("eval_steps", "eval_every"),
+    ("save_steps", "checkpoint_every"),
+    ("ref_model", "reference"),
+    ("model", "from"),
+    ("dataset", "data"),
+    ("train_dataset", "data"),
+    ("eval_dataset", "eval_data"),
+    ("kl_coef", "beta"),
+    ("num_generations", "samples"),
+];
+
+/// " (did you mean `x`?)" for a close spelling, else for a known synonym
+/// that is a valid name here.
+fn suggestion(field: &str, valid: &[String]) -> String {
+    let close = did_you_mean(field, valid.iter().map(String::as_str));
+    if !close.is_empty() {
+        return close;
+    }
+    SYNONYMS
+        .iter()
+        .find(|(from, to)| *from == field && valid.iter().any(|v| v == to))
+        .map(|(_, to)| format!(" (did you mean `{to}`?)"))
+        .unwrap_or_default()
 }
 
 fn backticked_after(message: &str, prefix: &str) -> Option<String> {

@@ -249,7 +249,8 @@ impl KtoSettings {
 
 impl StageKind for KtoSettings {
     const KIND: &'static str = "kto";
-    const RECIPE_VERSION: u32 = 1;
+// 2: config.json's max_position_embeddings is the trained max_len.
+    const RECIPE_VERSION: u32 = 2;
     const SUMMARY: &'static str = "KTO: desirable / undesirable labels against a frozen reference";
 
     fn inputs(&self) -> Vec<Input> {
@@ -353,6 +354,7 @@ impl StageKind for KtoSettings {
             ctx.progress,
         )?;
         copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;
+        super::model_files::record_context(ctx.out_dir, self.max_len)?;
         metrics.insert("examples".into(), data.desirable.len() as f64);
         metrics.insert("desirable".into(), n_d as f64);
         Ok(metrics)
