@@ -102,6 +102,34 @@ fn summaries_fit_until_says_what_it_skipped_and_compare_suggests_names() {
     assert!(widest <= 160, "{widest} wide:\n{out}");
     assert!(String::from_utf8_lossy(&runs.stderr).contains("more metric columns"));
 
+    // sample: one answer line per stdin line, blank lines included; --jsonl.
+    let sample = |args: &[&str], input: &str| -> String {
+        use std::io::Write;
+        let mut child = p
+            .command(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        stdout_of(&child.wait_with_output().unwrap())
+    };
+    let lines = sample(&["sample", "newuser", "sft", "--max-new-tokens", "4"], "Hi\n\nWhat is 2 plus 2?\n");
+    assert_eq!(lines.lines().count(), 3, "{lines:?}");
+    assert_eq!(lines.lines().nth(1), Some(""), "{lines:?}");
+    let json = sample(
+        &["sample", "newuser", "sft", "--max-new-tokens", "4", "--jsonl"],
+        "{\"prompt\": \"Hi\"}\n{\"prompt\": \"\"}\n",
+    );
+    let rows: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2, "{json}");
+    assert_eq!(rows[0]["prompt"], "Hi");
+    assert!(rows[1]["answer"].is_string());
+    let err = p.fails(&["sample", "newuser", "world", "--prompt", "Hi"]);
+    assert!(err.contains("stage `world` is a `synth` stage, not a model"), "{err}");
+    assert_eq!(err.matches("error").count(), 1, "said once: {err}");
+
     let err = p.fails(&["compare", "newusr"]);
     assert!(err.contains("no experiment `newusr`"), "{err}");
     assert!(err.contains("did you mean `newuser`?"), "{err}");
