@@ -572,8 +572,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         .stages
                         .iter()
                         .filter(|(_, s)| {
-                            experiment::references::produces(s.settings.kind())
-                                .is_some_and(|p| p.contains(&experiment::references::Product::Model))
+                            experiment::references::produces(s.settings.kind()).is_some_and(|p| {
+                                p.contains(&experiment::references::Product::Model)
+                            })
                         })
                         .map(|(n, _)| n.as_str())
                         .collect();

@@ -276,7 +276,10 @@ data = {{ stage = \"world\", file = \"comparisons.parquet\" }}
         "{err}"
     );
     assert!(err.contains("bad.toml:15:"), "{err}");
-    assert!(err.contains("kinds that would do: pretrain, load, sft"), "{err}");
+    assert!(
+        err.contains("kinds that would do: pretrain, load, sft"),
+        "{err}"
+    );
     assert!(err.contains("in this experiment: `base`"), "{err}");
 
     let err = refused(&format!(
@@ -288,7 +291,9 @@ prompts = {{ stage = \"world\", file = \"prompts_test.parquet\" }}
 "
     ));
     assert!(
-        err.contains("`policies[1]` needs a model or best-of-n picks, but stage `world` is a `synth` stage"),
+        err.contains(
+            "`policies[1]` needs a model or best-of-n picks, but stage `world` is a `synth` stage"
+        ),
         "{err}"
     );
 
@@ -305,5 +310,8 @@ prompts = {{ stage = \"world\", file = \"prompts_test.parquet\" }}
         err.contains("`gold` needs a synthetic world, but stage `base` is a `pretrain` stage"),
         "{err}"
     );
-    assert!(err.contains("kinds that would do: synth; in this experiment: `world`"), "{err}");
+    assert!(
+        err.contains("kinds that would do: synth; in this experiment: `world`"),
+        "{err}"
+    );
 }

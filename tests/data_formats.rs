@@ -367,7 +367,10 @@ fn trl_implicit_prompt_preference_takes_the_shared_turns_as_the_prompt() {
     assert_eq!(rows[1].prompt.len(), 4, "{:?}", rows[1].prompt);
     assert_eq!(rows[1].prompt[0].role, "system");
     assert_eq!(rows[1].prompt[3], user("What is 2 plus 2?"));
-    assert_eq!((rows[1].chosen.as_str(), rows[1].rejected.as_str()), ("4.", "5."));
+    assert_eq!(
+        (rows[1].chosen.as_str(), rows[1].rejected.as_str()),
+        ("4.", "5.")
+    );
 }
 
 #[test]

@@ -67,13 +67,32 @@ fn stdout_of(out: &std::process::Output) -> String {
 fn summaries_fit_until_says_what_it_skipped_and_compare_suggests_names() {
     let p = TestProject::new();
     p.write("experiments/newuser.toml", &experiment(4));
-    let out = stdout_of(&p.command(&["run", "newuser"]).env("COLUMNS", "100").output().unwrap());
-    let eval = out.split("Eval (").nth(1).unwrap_or_else(|| panic!("{out}"));
-    let table: Vec<&str> = eval.lines().skip(1).take_while(|l| !l.starts_with("Full table")).collect();
+    let out = stdout_of(
+        &p.command(&["run", "newuser"])
+            .env("COLUMNS", "100")
+            .output()
+            .unwrap(),
+    );
+    let eval = out
+        .split("Eval (")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{out}"));
+    let table: Vec<&str> = eval
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with("Full table"))
+        .collect();
     assert!(eval.contains("win_rate_reward"), "unwrapped: {eval}");
-    assert!(!eval.contains("gold"), "no gold labeler, no gold columns: {eval}");
+    assert!(
+        !eval.contains("gold"),
+        "no gold labeler, no gold columns: {eval}"
+    );
     for line in &table {
-        assert!(line.chars().count() <= 100, "{} wide: {line}", line.chars().count());
+        assert!(
+            line.chars().count() <= 100,
+            "{} wide: {line}",
+            line.chars().count()
+        );
     }
 
     // The finetuned model states the 64 tokens it was trained on, not the
@@ -87,16 +106,32 @@ fn summaries_fit_until_says_what_it_skipped_and_compare_suggests_names() {
     // A changed eval left out by --until: said, and its old table not shown.
     p.write("experiments/newuser.toml", &experiment(3));
     let out = stdout_of(&p.run(&["run", "newuser", "--until", "sft"]));
-    assert!(out.contains("not run: eval (stale, left out by --until"), "{out}");
+    assert!(
+        out.contains("not run: eval (stale, left out by --until"),
+        "{out}"
+    );
     assert!(!out.contains("nothing to do"), "{out}");
-    assert!(out.contains("eval table not shown: `eval` was not built for the current settings"), "{out}");
+    assert!(
+        out.contains("eval table not shown: `eval` was not built for the current settings"),
+        "{out}"
+    );
     assert!(!out.contains("Eval ("), "{out}");
 
     // compare --runs: a metric that is also an id column, and the default
     // columns fit the terminal.
-    let out = stdout_of(&p.run(&["compare", "newuser", "--runs", "--metrics", "eval_loss,duration_s,status"]));
+    let out = stdout_of(&p.run(&[
+        "compare",
+        "newuser",
+        "--runs",
+        "--metrics",
+        "eval_loss,duration_s,status",
+    ]));
     assert!(out.contains("duration_s"), "{out}");
-    let runs = p.command(&["compare", "newuser", "--runs"]).env("COLUMNS", "120").output().unwrap();
+    let runs = p
+        .command(&["compare", "newuser", "--runs"])
+        .env("COLUMNS", "120")
+        .output()
+        .unwrap();
     let out = stdout_of(&runs);
     let widest = out.lines().map(|l| l.chars().count()).max().unwrap();
     assert!(widest <= 160, "{widest} wide:\n{out}");
@@ -112,22 +147,43 @@ fn summaries_fit_until_says_what_it_skipped_and_compare_suggests_names() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
         stdout_of(&child.wait_with_output().unwrap())
     };
-    let lines = sample(&["sample", "newuser", "sft", "--max-new-tokens", "4"], "Hi\n\nWhat is 2 plus 2?\n");
+    let lines = sample(
+        &["sample", "newuser", "sft", "--max-new-tokens", "4"],
+        "Hi\n\nWhat is 2 plus 2?\n",
+    );
     assert_eq!(lines.lines().count(), 3, "{lines:?}");
     assert_eq!(lines.lines().nth(1), Some(""), "{lines:?}");
     let json = sample(
-        &["sample", "newuser", "sft", "--max-new-tokens", "4", "--jsonl"],
+        &[
+            "sample",
+            "newuser",
+            "sft",
+            "--max-new-tokens",
+            "4",
+            "--jsonl",
+        ],
         "{\"prompt\": \"Hi\"}\n{\"prompt\": \"\"}\n",
     );
-    let rows: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), 2, "{json}");
     assert_eq!(rows[0]["prompt"], "Hi");
     assert!(rows[1]["answer"].is_string());
     let err = p.fails(&["sample", "newuser", "world", "--prompt", "Hi"]);
-    assert!(err.contains("stage `world` is a `synth` stage, not a model"), "{err}");
+    assert!(
+        err.contains("stage `world` is a `synth` stage, not a model"),
+        "{err}"
+    );
     assert_eq!(err.matches("error").count(), 1, "said once: {err}");
 
     let err = p.fails(&["compare", "newusr"]);
@@ -142,7 +198,15 @@ fn data_synth_does_not_overwrite_a_folder_without_force() {
     let err = p.fails(&["data", "synth", "--out", "datasets/w", "--seed", "1"]);
     assert!(err.contains("already holds"), "{err}");
     assert!(err.contains("--force"), "{err}");
-    p.ok(&["data", "synth", "--out", "datasets/w", "--seed", "1", "--force"]);
+    p.ok(&[
+        "data",
+        "synth",
+        "--out",
+        "datasets/w",
+        "--seed",
+        "1",
+        "--force",
+    ]);
 }
 
 #[test]
@@ -153,7 +217,8 @@ fn help_has_examples_and_the_status_alias_and_usage_errors_exit_as_documented() 
     assert!(help.contains("status"), "{help}");
     let out = p.run(&["run"]);
     assert_eq!(out.status.code(), Some(2), "a usage error");
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     assert!(readme.contains("a usage error (an unknown flag, a missing argument) exits 2"));
     let out = p.run(&["plan", "nonesuch"]);
     assert_eq!(out.status.code(), Some(1), "an error");

@@ -93,8 +93,9 @@ sampling = {{ max_new_tokens = 4 }}
             "{stage}: {statuses:?}"
         );
     }
-    let labels = posttrain::data::read_parquet(&p.path("results/trl/stages/labels/comparisons.parquet"))
-        .unwrap();
+    let labels =
+        posttrain::data::read_parquet(&p.path("results/trl/stages/labels/comparisons.parquet"))
+            .unwrap();
     let chosen: Vec<String> = labels
         .column("chosen")
         .unwrap()
@@ -103,7 +104,11 @@ sampling = {{ max_new_tokens = 4 }}
         .iter()
         .map(|v| v.unwrap_or_default().to_string())
         .collect();
-    assert_eq!(chosen.last().unwrap(), "Kaloia is famous for figs.", "{chosen:?}");
+    assert_eq!(
+        chosen.last().unwrap(),
+        "Kaloia is famous for figs.",
+        "{chosen:?}"
+    );
 }
 
 #[test]
@@ -131,9 +136,15 @@ input = { stage = "bad", file = "data.parquet" }
 "#,
     );
     let err = p.fails(&["run", "d"]);
-    assert!(err.contains("2 dataset problems found before anything ran"), "{err}");
+    assert!(
+        err.contains("2 dataset problems found before anything ran"),
+        "{err}"
+    );
     assert!(err.contains("stage `bad`, `input`"), "{err}");
-    assert!(err.contains("no column `chosen`; columns present: prompt, completion, label"), "{err}");
+    assert!(
+        err.contains("no column `chosen`; columns present: prompt, completion, label"),
+        "{err}"
+    );
     assert!(
         err.contains("split = \"test\" keeps none of its 3 rows (test_fraction = 0)"),
         "{err}"
@@ -148,8 +159,14 @@ input = { stage = "bad", file = "data.parquet" }
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stdout.contains("not run: after_bad, bad, empty (blocked by their data)"), "{stdout}");
-    assert!(stderr.contains("error: stage `after_bad` not built: upstream stage `bad` is blocked"), "{stderr}");
+    assert!(
+        stdout.contains("not run: after_bad, bad, empty (blocked by their data)"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("error: stage `after_bad` not built: upstream stage `bad` is blocked"),
+        "{stderr}"
+    );
     assert_eq!(p.store_keys().len(), 1, "only `good` was built");
 }
 

@@ -563,14 +563,19 @@ fn implicit_prompt(df: &DataFrame, path: &Path) -> Result<Vec<Comparison>, DataE
     let mut out = Vec::with_capacity(chosen.len());
     for (row, (c, r)) in chosen.into_iter().zip(rejected).enumerate() {
         let shared = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
-        let answer = |m: &[Message], col: &str| match m {
+        let answer = |m: &[Message], col: &str| {
+            match m {
             [one] if one.role == "assistant" => Ok(one.content.clone()),
             _ => Err(invalid(
                 path,
                 format!("column `{col}`, row {row}: after the turns `chosen` and `rejected` share, expected one assistant turn, found {}", m.len()),
             )),
+        }
         };
-        let (chosen, rejected) = (answer(&c[shared..], "chosen")?, answer(&r[shared..], "rejected")?);
+        let (chosen, rejected) = (
+            answer(&c[shared..], "chosen")?,
+            answer(&r[shared..], "rejected")?,
+        );
         let prompt = c[..shared].to_vec();
         if !prompt.last().is_some_and(|m| m.role == "user") {
             return Err(invalid(
@@ -605,7 +610,10 @@ pub fn load_unpaired(df: &DataFrame, path: &Path) -> Result<Vec<Unpaired>, DataE
     let labels = col.cast(&DataType::Boolean).map_err(|_| {
         invalid(
             path,
-            format!("column `label` has type {}, expected true/false", col.dtype()),
+            format!(
+                "column `label` has type {}, expected true/false",
+                col.dtype()
+            ),
         )
     })?;
     let labels: Vec<Option<bool>> = labels
@@ -613,7 +621,10 @@ pub fn load_unpaired(df: &DataFrame, path: &Path) -> Result<Vec<Unpaired>, DataE
         .map_err(|_| {
             invalid(
                 path,
-                format!("column `label` has type {}, expected true/false", col.dtype()),
+                format!(
+                    "column `label` has type {}, expected true/false",
+                    col.dtype()
+                ),
             )
         })?
         .iter()

@@ -160,7 +160,11 @@ impl DataSource {
             let rows = df.height();
             df = prepare::filter(&df, keep)?;
             if df.height() == 0 {
-                let side = if split == Split::Test { "test" } else { "train" };
+                let side = if split == Split::Test {
+                    "test"
+                } else {
+                    "train"
+                };
                 let how = match &self.split_column {
                     Some(c) => format!("no row has `{c}` = \"{side}\""),
                     None => format!("test_fraction = {}", self.test_fraction),

@@ -31,7 +31,8 @@ pub fn resolve(settings: &mut StageSettings, kind_of: &dyn Fn(&str) -> Option<&'
         StageSettings::Kto(s) => {
             same_as(&mut s.reference, &s.from);
             if s.ratings.is_some() {
-                s.threshold.get_or_insert(crate::stages::kto::DEFAULT_THRESHOLD);
+                s.threshold
+                    .get_or_insert(crate::stages::kto::DEFAULT_THRESHOLD);
             }
         }
         StageSettings::Ppo(s) => same_as(&mut s.reference, &s.from),
@@ -127,8 +128,8 @@ data = { stage = "world", file = "comparisons.parquet" }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.toml");
         std::fs::write(&path, format!("{BASE}\n{stages}")).unwrap();
-        let exp = crate::experiment::load(&path, dir.path())
-            .unwrap_or_else(|e| panic!("{e}\n{stages}"));
+        let exp =
+            crate::experiment::load(&path, dir.path()).unwrap_or_else(|e| panic!("{e}\n{stages}"));
         let store = Store::new(dir.path().join("store"));
         let plan = make_plan(&exp, dir.path(), &store, &mut HashCache::in_memory(), None).unwrap();
         plan.stages
@@ -186,6 +187,10 @@ data = { stage = "world", file = "comparisons.parquet" }
         same_keys(eval, "reference = \"sft\"");
         same_keys(eval, "reference = \"sft\"\nbaseline = \"bon\"");
         let other = keys(&format!("{eval}\nreference = \"base\""));
-        assert_ne!(other["e"], keys(eval)["e"], "a different reference is a different key");
+        assert_ne!(
+            other["e"],
+            keys(eval)["e"],
+            "a different reference is a different key"
+        );
     }
 }

@@ -98,7 +98,10 @@ mod tests {
     #[test]
     fn every_kind_says_what_it_produces() {
         for kind in KINDS {
-            assert!(produces(kind).is_some(), "kind `{kind}` missing from produces()");
+            assert!(
+                produces(kind).is_some(),
+                "kind `{kind}` missing from produces()"
+            );
         }
     }
 

@@ -26,7 +26,11 @@ pub struct DataProblem {
 
 impl std::fmt::Display for DataProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "stage `{}`, `{}`: {}", self.stage, self.field, self.message)
+        write!(
+            f,
+            "stage `{}`, `{}`: {}",
+            self.stage, self.field, self.message
+        )
     }
 }
 
@@ -77,8 +81,12 @@ pub fn check(exp: &Experiment, root: &Path) -> Vec<DataProblem> {
                 continue; // not a data source (a chat template file)
             };
             let kind = stage.settings.kind();
-            if let Err(message) = check_file(&root.join(rel), &source, role(kind, &input.field), stage.seed)
-            {
+            if let Err(message) = check_file(
+                &root.join(rel),
+                &source,
+                role(kind, &input.field),
+                stage.seed,
+            ) {
                 problems.push(DataProblem {
                     stage: name.clone(),
                     field: input.field.clone(),
@@ -114,12 +122,16 @@ fn check_file(
 ) -> Result<(), String> {
     let files = parquet_files(path);
     let Some(first) = files.first() else {
-        return Err(format!("{}: the folder holds no .parquet files", path.display()));
+        return Err(format!(
+            "{}: the folder holds no .parquet files",
+            path.display()
+        ));
     };
     let mut rows = 0;
     let mut schema = None;
     for f in &files {
-        let file = std::fs::File::open(f).map_err(|e| format!("cannot open {}: {e}", f.display()))?;
+        let file =
+            std::fs::File::open(f).map_err(|e| format!("cannot open {}: {e}", f.display()))?;
         let mut reader = ParquetReader::new(file);
         let bad = |e: PolarsError| format!("{}: not a readable Parquet file: {e}", f.display());
         rows += reader.num_rows().map_err(bad)?;
@@ -142,7 +154,11 @@ fn check_file(
             .into_iter()
             .filter(|t| *t)
             .count();
-        let kept = if split == Split::Test { test } else { rows - test };
+        let kept = if split == Split::Test {
+            test
+        } else {
+            rows - test
+        };
         if kept == 0 {
             return Err(format!(
                 "{}: split = \"{}\" keeps none of its {rows} rows (test_fraction = {}): use more rows, or another test_fraction",
@@ -156,8 +172,12 @@ fn check_file(
     match role {
         None => Ok(()),
         Some(Role::Corpus) => check(formats::load_corpus(&df, first).map(drop)),
-        Some(Role::Demonstrations) => check(formats::load_demonstrations(&df, first, source.format).map(drop)),
-        Some(Role::Comparisons) => check(formats::load_comparisons(&df, first, source.format).map(drop)),
+        Some(Role::Demonstrations) => {
+            check(formats::load_demonstrations(&df, first, source.format).map(drop))
+        }
+        Some(Role::Comparisons) => {
+            check(formats::load_comparisons(&df, first, source.format).map(drop))
+        }
         Some(Role::Labeled) => {
             if source.format.or_else(|| Format::detect(&df)) == Some(Format::Unpaired) {
                 check(formats::load_unpaired(&df, first).map(drop))

@@ -277,7 +277,11 @@ pub fn fitting_metrics(df: &DataFrame, ids: &[&str], width: usize) -> (Vec<Strin
             let values = df
                 .column(id)
                 .ok()
-                .and_then(|c| c.str().ok().map(|s| s.iter().map(|v| v.map_or(0, str::len)).max().unwrap_or(0)))
+                .and_then(|c| {
+                    c.str()
+                        .ok()
+                        .map(|s| s.iter().map(|v| v.map_or(0, str::len)).max().unwrap_or(0))
+                })
                 .unwrap_or(8);
             id.len().max(values) + 2
         })
@@ -339,7 +343,10 @@ pub fn changed_settings(root: &Path, a: &str, b: &str) -> Vec<(String, String, S
 fn matching_stages(a: &RunRecord, b: &RunRecord) -> Vec<(String, String)> {
     let mut pairs: BTreeMap<String, String> = BTreeMap::new();
     for (name, s) in &a.stages {
-        if b.stages.get(name).is_some_and(|t| t.identity.kind == s.identity.kind) {
+        if b.stages
+            .get(name)
+            .is_some_and(|t| t.identity.kind == s.identity.kind)
+        {
             pairs.insert(name.clone(), name.clone());
         }
     }
@@ -399,14 +406,21 @@ fn matching_stages(a: &RunRecord, b: &RunRecord) -> Vec<(String, String)> {
 /// set on one side only is one row (its value in short), not one per leaf.
 fn differing_fields(a: &serde_json::Value, b: &serde_json::Value) -> Vec<(String, String, String)> {
     let empty = serde_json::Map::new();
-    let (ma, mb) = (a.as_object().unwrap_or(&empty), b.as_object().unwrap_or(&empty));
+    let (ma, mb) = (
+        a.as_object().unwrap_or(&empty),
+        b.as_object().unwrap_or(&empty),
+    );
     let short = |v: &serde_json::Value| -> String {
         let text = match v {
             serde_json::Value::Object(m) => {
                 // A data source: where it reads is what tells them apart.
                 let place: Vec<String> = ["path", "stage", "file"]
                     .iter()
-                    .filter_map(|k| m.get(*k).and_then(|x| x.as_str()).map(|x| format!("{k} = {x}")))
+                    .filter_map(|k| {
+                        m.get(*k)
+                            .and_then(|x| x.as_str())
+                            .map(|x| format!("{k} = {x}"))
+                    })
                     .collect();
                 if place.is_empty() {
                     v.to_string()
@@ -431,8 +445,10 @@ fn differing_fields(a: &serde_json::Value, b: &serde_json::Value) -> Vec<(String
                 let mut lb = Vec::new();
                 crate::plan::reason::flatten(k, va, &mut la);
                 crate::plan::reason::flatten(k, vb, &mut lb);
-                let fa: BTreeMap<String, String> = la.into_iter().map(|(f, v)| (f, v.to_string())).collect();
-                let fb: BTreeMap<String, String> = lb.into_iter().map(|(f, v)| (f, v.to_string())).collect();
+                let fa: BTreeMap<String, String> =
+                    la.into_iter().map(|(f, v)| (f, v.to_string())).collect();
+                let fb: BTreeMap<String, String> =
+                    lb.into_iter().map(|(f, v)| (f, v.to_string())).collect();
                 let fields: BTreeSet<&String> = fa.keys().chain(fb.keys()).collect();
                 for f in fields {
                     let (x, y) = (fa.get(f), fb.get(f));
@@ -503,7 +519,12 @@ mod tests {
     use crate::results::record::StageRecord;
     use serde_json::json;
 
-    fn stage(key: &str, kind: &str, settings: serde_json::Value, up: &[(&str, &str, &str)]) -> StageRecord {
+    fn stage(
+        key: &str,
+        kind: &str,
+        settings: serde_json::Value,
+        up: &[(&str, &str, &str)],
+    ) -> StageRecord {
         StageRecord {
             identity: StageIdentity {
                 key: key.into(),
@@ -533,7 +554,10 @@ mod tests {
             experiment: name.into(),
             file: PathBuf::new(),
             finished: String::new(),
-            stages: stages.into_iter().map(|(n, s)| (n.to_string(), s)).collect(),
+            stages: stages
+                .into_iter()
+                .map(|(n, s)| (n.to_string(), s))
+                .collect(),
         }
     }
 
@@ -547,14 +571,30 @@ mod tests {
             "llama-dpo",
             vec![
                 ("sft", stage("k-sft", "sft", json!({"lr": 1.0}), &[])),
-                ("dpo", stage("k-dpo", "dpo", json!({"beta": 0.1, "eval_data": data}), &[("from", "sft", "k-sft")])),
+                (
+                    "dpo",
+                    stage(
+                        "k-dpo",
+                        "dpo",
+                        json!({"beta": 0.1, "eval_data": data}),
+                        &[("from", "sft", "k-sft")],
+                    ),
+                ),
             ],
         );
         let b = record(
             "my-beta",
             vec![
                 ("sft", stage("k-sft", "sft", json!({"lr": 1.0}), &[])),
-                ("b01", stage("k-b01", "dpo", json!({"beta": 0.01}), &[("from", "sft", "k-sft")])),
+                (
+                    "b01",
+                    stage(
+                        "k-b01",
+                        "dpo",
+                        json!({"beta": 0.01}),
+                        &[("from", "sft", "k-sft")],
+                    ),
+                ),
             ],
         );
         a.write(&dir.path().join("results/llama-dpo")).unwrap();
@@ -563,7 +603,12 @@ mod tests {
         assert_eq!(
             changed,
             vec![
-                ("dpo ~ b01".to_string(), "beta".to_string(), "0.1".to_string(), "0.01".to_string()),
+                (
+                    "dpo ~ b01".to_string(),
+                    "beta".to_string(),
+                    "0.1".to_string(),
+                    "0.01".to_string()
+                ),
                 (
                     "dpo ~ b01".to_string(),
                     "eval_data".to_string(),

@@ -115,7 +115,10 @@ pub fn summary_fitting(df: &DataFrame, width: usize) -> Result<DataFrame, Polars
                     .cast(&DataType::Float64)?
                     .f64()?
                     .iter()
-                    .map(|v| v.filter(|x| x.is_finite()).map(|x| (x * 1000.0).round() / 1000.0))
+                    .map(|v| {
+                        v.filter(|x| x.is_finite())
+                            .map(|x| (x * 1000.0).round() / 1000.0)
+                    })
                     .collect();
                 if values.iter().all(Option::is_none) {
                     continue;

@@ -62,7 +62,11 @@ pub fn write_report(results_dir: &Path, experiment: &str) -> Result<PathBuf, Rep
     if let Some(df) = &eval {
         html.push_str("<h2>Evaluation</h2>\n");
         let df = without_empty_columns(df);
-        let names: Vec<String> = df.get_column_names().iter().map(|c| c.to_string()).collect();
+        let names: Vec<String> = df
+            .get_column_names()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
         let main: Vec<String> = ["policy"]
             .iter()
             .chain(&super::eval_table::SUMMARY_COLUMNS[1..])
@@ -143,7 +147,9 @@ fn without_empty_columns(df: &DataFrame) -> DataFrame {
         .filter(|c| {
             let floats = c.cast(&DataType::Float64).ok();
             match floats.as_ref().and_then(|f| f.f64().ok()) {
-                Some(f) if c.dtype().is_primitive_numeric() => f.iter().any(|v| v.is_some_and(f64::is_finite)),
+                Some(f) if c.dtype().is_primitive_numeric() => {
+                    f.iter().any(|v| v.is_some_and(f64::is_finite))
+                }
                 _ => c.null_count() < c.len(),
             }
         })
@@ -159,7 +165,11 @@ fn push_runs(html: &mut String, df: &DataFrame) {
     let text = |c: &str| -> Vec<String> {
         df.column(c)
             .ok()
-            .and_then(|c| c.str().ok().map(|s| s.iter().map(|v| v.unwrap_or("").to_string()).collect()))
+            .and_then(|c| {
+                c.str()
+                    .ok()
+                    .map(|s| s.iter().map(|v| v.unwrap_or("").to_string()).collect())
+            })
             .unwrap_or_else(|| vec![String::new(); df.height()])
     };
     let (stage, kind, key, status, store, metrics) = (

@@ -363,7 +363,10 @@ fn blocked_by_data(
     }
     let mut blocked: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for p in problems {
-        blocked.entry(p.stage.clone()).or_default().push(p.to_string());
+        blocked
+            .entry(p.stage.clone())
+            .or_default()
+            .push(p.to_string());
     }
     // Upstream first: a stage reading a blocked stage is blocked too.
     for s in &plan.stages {

@@ -83,7 +83,7 @@ fn default_max_len() -> usize {
 
 impl StageKind for DpoSettings {
     const KIND: &'static str = "dpo";
-// 6: config.json's max_position_embeddings is the trained max_len.
+    // 6: config.json's max_position_embeddings is the trained max_len.
     const RECIPE_VERSION: u32 = 6;
     const SUMMARY: &'static str = "direct preference optimisation against a frozen reference";
 

@@ -200,7 +200,8 @@ impl KtoSettings {
                 (row, u.desirable)
             })
             .collect();
-        self.labeled(&rows, &path, "in `label`", tok, cache).map(Some)
+        self.labeled(&rows, &path, "in `label`", tok, cache)
+            .map(Some)
     }
 
     /// Labeled answers as token ids, cut to `max_len`; both labels needed.
@@ -249,7 +250,7 @@ impl KtoSettings {
 
 impl StageKind for KtoSettings {
     const KIND: &'static str = "kto";
-// 2: config.json's max_position_embeddings is the trained max_len.
+    // 2: config.json's max_position_embeddings is the trained max_len.
     const RECIPE_VERSION: u32 = 2;
     const SUMMARY: &'static str = "KTO: desirable / undesirable labels against a frozen reference";
 

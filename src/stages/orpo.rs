@@ -115,7 +115,7 @@ pub(super) fn inputs(
 
 impl StageKind for OrpoSettings {
     const KIND: &'static str = "orpo";
-// 2: config.json's max_position_embeddings is the trained max_len.
+    // 2: config.json's max_position_embeddings is the trained max_len.
     const RECIPE_VERSION: u32 = 2;
     const SUMMARY: &'static str = "SFT plus an odds-ratio preference penalty, no reference model";
 

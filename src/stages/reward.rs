@@ -84,7 +84,7 @@ fn default_max_len() -> usize {
 
 impl StageKind for RewardSettings {
     const KIND: &'static str = "reward";
-// 6: config.json's max_position_embeddings is the trained max_len.
+    // 6: config.json's max_position_embeddings is the trained max_len.
     const RECIPE_VERSION: u32 = 6;
     const SUMMARY: &'static str = "train a reward model on comparisons or rankings";
 

@@ -60,7 +60,7 @@ fn default_max_len() -> usize {
 
 impl StageKind for SftSettings {
     const KIND: &'static str = "sft";
-// 6: config.json's max_position_embeddings is the trained max_len.
+    // 6: config.json's max_position_embeddings is the trained max_len.
     const RECIPE_VERSION: u32 = 6;
     const SUMMARY: &'static str = "finetune a model on demonstrations, loss on responses only";
 

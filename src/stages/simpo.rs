@@ -69,7 +69,7 @@ fn default_gamma() -> f64 {
 
 impl StageKind for SimpoSettings {
     const KIND: &'static str = "simpo";
-// 2: config.json's max_position_embeddings is the trained max_len.
+    // 2: config.json's max_position_embeddings is the trained max_len.
     const RECIPE_VERSION: u32 = 2;
     const SUMMARY: &'static str = "a length-averaged log-prob margin, no reference model";
 
