@@ -499,7 +499,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     let metrics = if metrics.is_empty() {
                         // All metrics of every kind are dozens of columns:
                         // the ones most stages have, as many as fit.
-                        let (shown, left) = compare::fitting_metrics(&df, &ids, terminal_width());
+                        let (shown, left) =
+                            compare::fitting_metrics(&df, &ids, terminal_width().unwrap_or(160));
                         if left > 0 {
                             eprintln!(
                                 "{left} more metric columns: name them with --metrics a,b, or write all with --out FILE"
@@ -727,10 +728,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Columns of the terminal on stdout (`COLUMNS` first), 120 when unknown.
-fn terminal_width() -> usize {
+/// Columns of the terminal on stdout (`COLUMNS` first); `None` when
+/// stdout is not a terminal (a pipe or a file gets the whole table).
+fn terminal_width() -> Option<usize> {
     if let Some(w) = std::env::var("COLUMNS").ok().and_then(|v| v.parse().ok()) {
-        return w;
+        return Some(w);
     }
     #[cfg(unix)]
     {
@@ -738,10 +740,10 @@ fn terminal_width() -> usize {
         let mut size: libc::winsize = unsafe { std::mem::zeroed() };
         let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
         if ok && size.ws_col > 0 {
-            return size.ws_col as usize;
+            return Some(size.ws_col as usize);
         }
     }
-    120
+    None
 }
 
 /// Polars' table printing: every column, no shape line, no dtype row,
@@ -770,9 +772,11 @@ fn print_eval_summary(results_dir: &std::path::Path) -> Result<()> {
     };
     set_table_format();
     let width = terminal_width();
-    std::env::set_var("POLARS_TABLE_WIDTH", width.to_string());
-    let summary =
-        eval_table::summary_fitting(&df, width).context("cannot summarise the eval table")?;
+    if let Some(w) = width {
+        std::env::set_var("POLARS_TABLE_WIDTH", w.to_string());
+    }
+    let summary = eval_table::summary_fitting(&df, width.unwrap_or(usize::MAX))
+        .context("cannot summarise the eval table")?;
     let legend = if summary.column("gold").is_ok() {
         "gold = the synthetic world's gold score, [low, high] its 95% bootstrap interval; kl in nats"
     } else {
