@@ -34,8 +34,8 @@ pub fn check(
     stages: &BTreeMap<String, Stage>,
     raw: &BTreeMap<String, RawStage>,
 ) -> Result<(), ExperimentError> {
-    // file -> the first (stage, field, split, division) seen
-    let mut seen: BTreeMap<String, (String, String, Split, Division)> = BTreeMap::new();
+    // file -> every (stage, field, split, division) seen
+    let mut seen: BTreeMap<String, Vec<(String, String, Split, Division)>> = BTreeMap::new();
     for (name, stage) in stages {
         let settings = stage.settings.to_json();
         for input in stage.settings.inputs() {
@@ -61,11 +61,15 @@ pub fn check(
                     seed: stage.seed,
                 },
             };
-            let Some((s0, f0, split0, d0)) = seen.get(&file) else {
-                seen.insert(file, (name.clone(), input.field.clone(), split, division));
-                continue;
-            };
-            if *d0 != division {
+            let sides = seen.entry(file.clone()).or_default();
+            // Only opposite sides can overlap: two train sources split
+            // differently are two samples of the training rows.
+            let clash = sides
+                .iter()
+                .find(|(_, _, other, d)| *other != split && *d != division)
+                .cloned();
+            sides.push((name.clone(), input.field.clone(), split, division.clone()));
+            if let Some((s0, f0, split0, d0)) = clash {
                 let top = input.field.split(['[', '.']).next().unwrap_or(&input.field);
                 let at = raw[name].fields.get(top).map(|f| f.value_at.clone());
                 let side = |s: Split| if s == Split::Test { "test" } else { "train" };
@@ -76,7 +80,7 @@ pub fn check(
                         "stage `{name}`: `{}` splits `{file}` ({}, {division}) unlike stage `{s0}`'s `{f0}` ({}, {d0}), so the two sides would overlap",
                         input.field,
                         side(split),
-                        side(*split0),
+                        side(split0),
                     ),
                 )
                 .with_help(
