@@ -577,7 +577,7 @@ fn implicit_prompt(df: &DataFrame, path: &Path) -> Result<Vec<Comparison>, DataE
             answer(&r[shared..], "rejected")?,
         );
         let prompt = c[..shared].to_vec();
-        if !prompt.last().is_some_and(|m| m.role == "user") {
+        if prompt.last().is_none_or(|m| m.role != "user") {
             return Err(invalid(
                 path,
                 format!("row {row}: the turns `chosen` and `rejected` share (the prompt) must end with a user turn"),

@@ -77,9 +77,9 @@ pub fn write_report(results_dir: &Path, experiment: &str) -> Result<PathBuf, Rep
         match df.select(main.clone()) {
             Ok(summary) if !main.is_empty() => {
                 push_table(&mut html, &summary);
-                let _ = write!(
+                let _ = writeln!(
                     html,
-                    "<details><summary>all {} columns</summary>\n",
+                    "<details><summary>all {} columns</summary>",
                     names.len()
                 );
                 push_table(&mut html, &df);
@@ -198,9 +198,9 @@ fn push_runs(html: &mut String, df: &DataFrame) {
             .map(|(k, v)| format!("{} = {}", escape(k), sig3(*v)))
             .collect();
         let short = key[i].chars().take(12).collect::<String>();
-        let _ = write!(
+        let _ = writeln!(
             html,
-            "<tr><td>{}</td><td>{}</td><td><code title=\"{}\">{}</code></td><td>{}</td><td class=\"num\">{}</td><td><details><summary>{} metrics</summary>{}</details></td></tr>\n",
+            "<tr><td>{}</td><td>{}</td><td><code title=\"{}\">{}</code></td><td>{}</td><td class=\"num\">{}</td><td><details><summary>{} metrics</summary>{}</details></td></tr>",
             escape(&stage[i]),
             escape(&kind[i]),
             escape(&key[i]),

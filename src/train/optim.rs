@@ -135,6 +135,7 @@ impl<D: Device<f32>> AdamW<D> {
     }
 
     /// The first and second moments, in `params.named()` order.
+    #[allow(clippy::type_complexity)]
     pub fn moments(&self) -> (&[Matrix<f32, D>], &[Matrix<f32, D>]) {
         (&self.m, &self.v)
     }

@@ -145,7 +145,7 @@ impl Checkpoints {
             return false;
         }
         if s.checkpoint_every > 0 {
-            return done % s.checkpoint_every == 0;
+            return done.is_multiple_of(s.checkpoint_every);
         }
         self.last.get().elapsed() >= self.interval
     }
