@@ -233,11 +233,28 @@ fn push_table(html: &mut String, df: &DataFrame) {
             let numeric = col.dtype().is_primitive_numeric();
             let class = if numeric { " class=\"num\"" } else { "" };
             let cell = col.get(i).map(|v| cell_text(&v)).unwrap_or_default();
+            if is_key(&cell) {
+                // A cache key: its first 12 characters, the whole on hover.
+                let _ = write!(
+                    html,
+                    "<td><code title=\"{cell}\">{}</code></td>",
+                    &cell[..12]
+                );
+                continue;
+            }
             let _ = write!(html, "<td{class}>{}</td>", escape(&cell));
         }
         html.push_str("</tr>\n");
     }
     html.push_str("</tbody>\n</table>\n");
+}
+
+/// A 64-character blake3 hex key.
+fn is_key(text: &str) -> bool {
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 /// A table cell's text: nulls blank, floats to 3 significant digits,
@@ -259,6 +276,10 @@ fn cell_text(value: &AnyValue) -> String {
 fn sig3(x: f64) -> String {
     if !x.is_finite() || x == 0.0 {
         return x.to_string();
+    }
+    // Counts (rows, steps, tokens) print as integers, not "50.0".
+    if x.fract() == 0.0 && x.abs() < 1e5 {
+        return format!("{x:.0}");
     }
     let exponent = x.abs().log10().floor() as i32;
     if (-3..5).contains(&exponent) {
@@ -300,7 +321,9 @@ mod tests {
         let cases = [
             (0.123456, "0.123"),
             (123.456, "123"),
-            (-2.0, "-2.00"),
+            (-2.0, "-2"),
+            (-2.5, "-2.50"),
+            (50.0, "50"),
             (0.00123456, "0.00123"),
             (12345.6, "12300"),
             (123456.0, "1.23e5"),
@@ -320,6 +343,7 @@ mod tests {
             "policy" => ["sft", "<script>alert('x')</script>"],
             "gold_reward" => [Some(0.123456), None],
             "n" => [100i64, 100],
+            "policy_key" => ["0123456789abcdef".repeat(4), "fedcba9876543210".repeat(4)],
         )
         .unwrap();
         write_parquet(&mut eval, &results.join(EVAL_FILE)).unwrap();
@@ -360,7 +384,8 @@ mod tests {
             "<code title=\"0123456789abcdef",
             ">0123456789ab</code>",
             "loss = 1.23",
-            "<details><summary>all 3 columns</summary>",
+            "<details><summary>all 4 columns</summary>",
+            "<td><code title=\"fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210\">fedcba987654</code></td>",
         ] {
             assert!(html.contains(cell), "report lacks {cell}");
         }
