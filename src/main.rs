@@ -20,7 +20,15 @@ use posttrain::text::table;
     long_about = "Run LLM post-training experiments from TOML files.\n\n\
 An experiment (experiments/NAME.toml) is a DAG of stages. Every stage is keyed by a blake3 hash \
 of its kind, settings, upstream keys, dataset contents and seed; `run` computes only the stages \
-whose key is not in the store yet, and `plan` says why."
+whose key is not in the store yet, and `plan` says why.",
+    after_help = "Examples:\n  \
+posttrain run llama-dpo                 build every stale stage, reuse the rest\n  \
+posttrain plan llama-dpo                what would run and why (alias: status)\n  \
+posttrain run llama-dpo --until sft     only sft and what it reads\n  \
+posttrain run llama-dpo --keep-going    build what is fine when a dataset is not\n  \
+posttrain compare llama-dpo llama-rlhf  eval rows side by side, and the settings that differ\n  \
+posttrain sample llama-dpo dpo --prompt \"What is 2 plus 2?\"\n\n\
+Exit codes: 0 success; 1 an error (bad experiment, data, a failed stage); 2 a usage error (unknown flag, missing argument)."
 )]
 struct Cli {
     /// Store folder for stage outputs [default: results/store; env: POSTTRAIN_STORE]
@@ -57,6 +65,9 @@ enum Command {
         /// Slurm executor: submit the jobs and return without waiting (see `status`, `cancel`)
         #[arg(long)]
         detach: bool,
+        /// When a dataset has a problem, still build every stage whose data is fine
+        #[arg(long, short = 'k')]
+        keep_going: bool,
     },
     /// Cancel the cluster jobs submitted for an experiment's stages
     Cancel { experiment: String },
@@ -64,7 +75,7 @@ enum Command {
     #[command(hide = true)]
     BuildJob { spec: PathBuf },
     /// Show each stage as cached or stale, and why
-    #[command(alias = "status")]
+    #[command(visible_alias = "status")]
     Plan {
         experiment: String,
         /// One JSON object per stage (name, kind, key, status, reasons)
@@ -142,6 +153,9 @@ enum Command {
         /// "model" (the model's own template when it has one), "posttrain", or a .jinja file
         #[arg(long, default_value = "model")]
         chat_template: String,
+        /// Read {"prompt": "..."} lines from stdin, write {"prompt", "answer", "finished"} lines
+        #[arg(long, conflicts_with = "prompt")]
+        jsonl: bool,
     },
     /// Write a model as a GGUF file (for llama.cpp and Ollama), with its tokenizer and chat template
     Export {
@@ -182,6 +196,9 @@ enum DataCommand {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Overwrite files already in the output folder
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -295,6 +312,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             executor,
             jobs,
             detach,
+            keep_going,
         } => {
             let exp = load(&project, &experiment)?;
             let config = runner::config::ProjectConfig::load(&project.root)?;
@@ -320,11 +338,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 quiet: cli.quiet,
                 executor,
                 detach,
+                keep_going,
             };
             let report = runner::run(&project, &exp, &options)?;
             print_run_report(&report, dry_run);
             if !dry_run {
-                print_eval_summary(&report.results_dir)?;
+                let stale_evals: Vec<&str> = report
+                    .stages
+                    .iter()
+                    .filter(|s| {
+                        s.kind == "eval"
+                            && matches!(s.status, Status::Skipped | Status::Blocked)
+                            && !s.reasons.is_empty()
+                    })
+                    .map(|s| s.name.as_str())
+                    .collect();
+                if stale_evals.is_empty() {
+                    print_eval_summary(&report.results_dir)?;
+                } else {
+                    println!(
+                        "eval table not shown: `{}` was not built for the current settings, so the last table is from an earlier configuration",
+                        stale_evals.join("`, `")
+                    );
+                }
+            }
+            if !report.blocked.is_empty() {
+                for (stage, why) in &report.blocked {
+                    eprintln!("error: stage `{stage}` not built: {}", why.join("; "));
+                }
+                return Ok(ExitCode::FAILURE);
             }
         }
         Command::Cancel { experiment } => {
@@ -402,6 +444,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "{}",
                     table(&["stage", "kind", "key", "status", "why"], &rows)
                 );
+                for problem in posttrain::plan::check_data::check(&exp, &project.root) {
+                    println!("data problem: {problem}");
+                }
                 let stale = plan.stages.iter().filter(|s| !s.cached).count();
                 if stale == 0 {
                     println!(
@@ -590,6 +635,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         .copied()
                         .chain(swept.iter().map(String::as_str))
                         .collect();
+                    let metrics = if metrics.is_empty() {
+                        // All metrics of every kind are dozens of columns:
+                        // the ones most stages have, as many as fit.
+                        let (shown, left) =
+                            compare::fitting_metrics(&df, &ids, terminal_width().unwrap_or(160));
+                        if left > 0 {
+                            eprintln!(
+                                "{left} more metric columns: name them with --metrics a,b, or write all with --out FILE"
+                            );
+                        }
+                        shown
+                    } else {
+                        metrics
+                    };
                     compare::select_and_sort(df, &ids, &metrics, sort.as_deref())?
                 }
             };
@@ -607,7 +666,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let changed =
                     compare::changed_settings(&project.root, &experiments[0], &experiments[1]);
                 if changed.is_empty() {
-                    println!("no settings differ between stages of the same name");
+                    println!("no settings differ between the matching stages");
                 } else {
                     let rows: Vec<Vec<String>> = changed
                         .into_iter()
@@ -641,6 +700,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_new_tokens,
             seed,
             chat_template,
+            jsonl,
         } => {
             let settings = posttrain::model::generate::SampleSettings {
                 temperature,
@@ -659,16 +719,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
             )
             .map_err(anyhow::Error::msg)?;
             let model = posttrain::model::chat::ChatModel::load(&dir, &choice)?;
-            if prompt.is_empty() {
+            if jsonl {
+                // One JSON object in, one out, in order: {"prompt": ...} ->
+                // {"prompt", "answer", "finished"}; a bad line is an error
+                // naming it, never a silently dropped row.
+                use std::io::BufRead;
+                for (i, line) in std::io::stdin().lock().lines().enumerate() {
+                    let line = line.context("cannot read standard input")?;
+                    let value: serde_json::Value = serde_json::from_str(&line)
+                        .with_context(|| format!("stdin line {}: not JSON", i + 1))?;
+                    let Some(text) = value.get("prompt").and_then(|p| p.as_str()) else {
+                        anyhow::bail!("stdin line {}: expected {{\"prompt\": \"...\"}}", i + 1);
+                    };
+                    let answer = model.answer(&[text.to_string()], &settings, seed + i as u64)?;
+                    let out = serde_json::json!({
+                        "prompt": text,
+                        "answer": answer[0].text,
+                        "finished": answer[0].finished,
+                    });
+                    println!("{out}");
+                }
+            } else if prompt.is_empty() {
                 use std::io::BufRead;
                 eprintln!("{stage} ({}): type a message, Ctrl-D to quit", exp.name);
                 for (i, line) in std::io::stdin().lock().lines().enumerate() {
                     let line = line.context("cannot read standard input")?;
                     if line.trim().is_empty() {
+                        // An empty answer keeps the answers in line with the input.
+                        println!();
                         continue;
                     }
                     let answer = model.answer(&[line], &settings, seed + i as u64)?;
-                    println!("{}", answer[0].text);
+                    // One line per answer, so answers stay in line with the input.
+                    println!("{}", answer[0].text.replace('\n', " "));
                 }
             } else {
                 for (p, a) in prompt.iter().zip(model.answer(&prompt, &settings, seed)?) {
@@ -753,7 +836,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
         }
-        Command::Data(DataCommand::Synth { out, seed }) => {
+        Command::Data(DataCommand::Synth { out, seed, force }) => {
+            let existing = std::fs::read_dir(&out).map_or(0, |d| d.count());
+            if existing > 0 && !force {
+                anyhow::bail!(
+                    "{} already holds {existing} files, which this would overwrite\n  help: pass --force to overwrite them, or write elsewhere with --out DIR",
+                    out.display()
+                );
+            }
             let cfg = posttrain::data::synth::SynthConfig::default();
             let mut data = posttrain::data::synth::generate(&cfg, seed)?;
             posttrain::data::synth::write(&mut data, &out)?;
@@ -778,6 +868,24 @@ fn finite_logprobs(lp: &[f32], dir: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Columns of the terminal on stdout (`COLUMNS` first); `None` when
+/// stdout is not a terminal (a pipe or a file gets the whole table).
+fn terminal_width() -> Option<usize> {
+    if let Some(w) = std::env::var("COLUMNS").ok().and_then(|v| v.parse().ok()) {
+        return Some(w);
+    }
+    #[cfg(unix)]
+    {
+        // SAFETY: TIOCGWINSZ fills a winsize; nothing else is touched.
+        let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+        let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+        if ok && size.ws_col > 0 {
+            return Some(size.ws_col as usize);
+        }
+    }
+    None
 }
 
 /// Polars' table printing: every column, no shape line, no dtype row,
@@ -805,10 +913,18 @@ fn print_eval_summary(results_dir: &std::path::Path) -> Result<()> {
         return Ok(());
     };
     set_table_format();
-    let summary = eval_table::summary(&df).context("cannot summarise the eval table")?;
-    println!(
-        "\nEval (gold = the synthetic world's gold score, [low, high] its 95% bootstrap interval; kl in nats):\n{summary}"
-    );
+    let width = terminal_width();
+    if let Some(w) = width {
+        std::env::set_var("POLARS_TABLE_WIDTH", w.to_string());
+    }
+    let summary = eval_table::summary_fitting(&df, width.unwrap_or(usize::MAX))
+        .context("cannot summarise the eval table")?;
+    let legend = if summary.column("gold").is_ok() {
+        "gold = the synthetic world's gold score, [low, high] its 95% bootstrap interval; kl in nats"
+    } else {
+        "reward = the reward model's score; kl in nats"
+    };
+    println!("\nEval ({legend}):\n{summary}");
     println!(
         "Full table: {}",
         results_dir.join(eval_table::EVAL_FILE).display()
@@ -862,6 +978,12 @@ fn print_run_report(report: &runner::RunReport, dry_run: bool) {
         .iter()
         .filter(|s| s.status == Status::Ran)
         .count();
+    let skipped_stale: Vec<&str> = report
+        .stages
+        .iter()
+        .filter(|s| s.status == Status::Skipped && !s.reasons.is_empty())
+        .map(|s| s.name.as_str())
+        .collect();
     if dry_run {
         let would = report
             .stages
@@ -869,6 +991,20 @@ fn print_run_report(report: &runner::RunReport, dry_run: bool) {
             .filter(|s| s.status == Status::WouldRun)
             .count();
         println!("dry run: {would} stages would run");
+    } else if !skipped_stale.is_empty() || !report.blocked.is_empty() {
+        if !skipped_stale.is_empty() {
+            println!(
+                "not run: {} (stale, left out by --until; run without it to build them)",
+                skipped_stale.join(", ")
+            );
+        }
+        if !report.blocked.is_empty() {
+            let names: Vec<&str> = report.blocked.keys().map(String::as_str).collect();
+            println!("not run: {} (blocked by their data)", names.join(", "));
+        }
+        if ran > 0 {
+            println!("results in {}", report.results_dir.display());
+        }
     } else if ran == 0 {
         println!(
             "nothing to do: every stage was cached (see why with `posttrain plan {}`)",

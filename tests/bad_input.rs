@@ -247,3 +247,71 @@ fn includes_merge_in_order_and_the_including_file_wins() {
     assert_eq!(settings["demonstrations"], 30);
     assert_eq!(exp.files.len(), 3);
 }
+
+const WORLD_AND_TOKENIZER: &str = r#"[stages.world]
+kind = "synth"
+
+[stages.tokenizer]
+kind = "tokenizer"
+corpus = { stage = "world", file = "corpus.parquet" }
+
+[stages.base]
+kind = "pretrain"
+tokenizer = "tokenizer"
+corpus = { stage = "world", file = "corpus.parquet" }
+"#;
+
+#[test]
+fn a_reference_to_a_stage_of_the_wrong_kind_names_the_kinds_that_would_do() {
+    let err = refused(&format!(
+        "{WORLD_AND_TOKENIZER}
+[stages.dpo]
+kind = \"dpo\"
+from = \"tokenizer\"
+data = {{ stage = \"world\", file = \"comparisons.parquet\" }}
+"
+    ));
+    assert!(
+        err.contains("stage `dpo` (kind `dpo`): `from` needs a model, but stage `tokenizer` is a `tokenizer` stage"),
+        "{err}"
+    );
+    assert!(err.contains("bad.toml:15:"), "{err}");
+    assert!(
+        err.contains("kinds that would do: pretrain, load, sft"),
+        "{err}"
+    );
+    assert!(err.contains("in this experiment: `base`"), "{err}");
+
+    let err = refused(&format!(
+        "{WORLD_AND_TOKENIZER}
+[stages.eval]
+kind = \"eval\"
+policies = [\"base\", \"world\"]
+prompts = {{ stage = \"world\", file = \"prompts_test.parquet\" }}
+"
+    ));
+    assert!(
+        err.contains(
+            "`policies[1]` needs a model or best-of-n picks, but stage `world` is a `synth` stage"
+        ),
+        "{err}"
+    );
+
+    let err = refused(&format!(
+        "{WORLD_AND_TOKENIZER}
+[stages.eval]
+kind = \"eval\"
+policies = [\"base\"]
+gold = \"base\"
+prompts = {{ stage = \"world\", file = \"prompts_test.parquet\" }}
+"
+    ));
+    assert!(
+        err.contains("`gold` needs a synthetic world, but stage `base` is a `pretrain` stage"),
+        "{err}"
+    );
+    assert!(
+        err.contains("kinds that would do: synth; in this experiment: `world`"),
+        "{err}"
+    );
+}

@@ -352,3 +352,41 @@ fn seeded_random_split_partitions_the_rows() {
     assert_eq!(train + test, n);
     assert!((150..250).contains(&test), "{test}");
 }
+
+#[test]
+fn trl_implicit_prompt_preference_takes_the_shared_turns_as_the_prompt() {
+    let (df, path) = frame("implicit_prompt_preference.parquet");
+    assert_eq!(Format::detect(&df), Some(Format::ImplicitPrompt));
+    let rows = formats::load_comparisons(&df, &path, None).unwrap();
+    assert_eq!(
+        rows[0].prompt,
+        vec![user("What food is Kaloia famous for?")]
+    );
+    assert_eq!(rows[0].chosen, "Kaloia is famous for figs.");
+    assert_eq!(rows[0].rejected, "Kaloia is famous for pebbles.");
+    assert_eq!(rows[1].prompt.len(), 4, "{:?}", rows[1].prompt);
+    assert_eq!(rows[1].prompt[0].role, "system");
+    assert_eq!(rows[1].prompt[3], user("What is 2 plus 2?"));
+    assert_eq!(
+        (rows[1].chosen.as_str(), rows[1].rejected.as_str()),
+        ("4.", "5.")
+    );
+}
+
+#[test]
+fn trl_unpaired_rows_read_with_their_labels_and_are_refused_as_pairs() {
+    for name in ["unpaired.parquet", "unpaired_conversational.parquet"] {
+        let (df, path) = frame(name);
+        assert_eq!(Format::detect(&df), Some(Format::Unpaired));
+        let rows = formats::load_unpaired(&df, &path).unwrap();
+        assert_eq!(rows[0].prompt, vec![user("What is 2 plus 2?")]);
+        assert_eq!(rows[0].completion, "4.");
+        assert!(rows[0].desirable);
+        assert_eq!(rows[1].completion, "5.");
+        assert!(!rows[1].desirable);
+        let err = formats::load_comparisons(&df, &path, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("which trains `kto`"), "{err}");
+    }
+}

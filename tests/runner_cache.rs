@@ -379,11 +379,10 @@ fn compare_shows_experiments_side_by_side_and_what_differs() {
         err.contains("no column `row_out` in the comparison (did you mean `rows_out`?)"),
         "{err}"
     );
+    // Not an experiment at all: said so, with the ones there are.
     let err = p.fails(&["compare", "chain", "nothing"]);
-    assert!(
-        err.contains("experiment `nothing` has no results yet"),
-        "{err}"
-    );
+    assert!(err.contains("no experiment `nothing`"), "{err}");
+    assert!(err.contains("available experiments: chain, other"), "{err}");
 }
 
 #[test]

@@ -7,6 +7,8 @@
 //! | `conversations`  | `messages` = list of {role, content}, ends with assistant | one [`Demonstration`] each |
 //! | `comparisons`    | `prompt`, `chosen`, `rejected` (TRL; text or messages), optional `margin` | one [`Comparison`] |
 //! | `hh_rlhf`        | `chosen`, `rejected` as "\n\nHuman: ...\n\nAssistant: ..." transcripts | one [`Comparison`] |
+//! | `implicit_prompt`| `chosen`, `rejected` as messages, no `prompt`: the shared leading turns are the prompt (TRL's `extract_prompt`) | one [`Comparison`] |
+//! | `unpaired`       | `prompt`, `completion` (text or messages), `label` (true = desirable; TRL's KTO format) | one [`Unpaired`] |
 //! | `rankings`       | `prompt`, `responses` (best first)                     | all K(K-1)/2 pairs, one group |
 //! | `prompts`        | `prompt` (text or messages)                            | one [`PromptRow`] each        |
 //!
@@ -29,14 +31,20 @@ pub enum Format {
     Conversations,
     Comparisons,
     HhRlhf,
+    ImplicitPrompt,
     Rankings,
     Prompts,
+    Unpaired,
 }
 
 impl Format {
     /// The format the columns imply, most specific first.
     pub fn detect(df: &DataFrame) -> Option<Format> {
         let has = |c: &str| df.column(c).is_ok();
+        let is_list = |c: &str| {
+            df.column(c)
+                .is_ok_and(|c| matches!(c.dtype(), DataType::List(_)))
+        };
         Some(if has("messages") {
             Format::Conversations
         } else if has("prompt") && has("responses") {
@@ -44,9 +52,13 @@ impl Format {
         } else if has("chosen") && has("rejected") {
             if has("prompt") {
                 Format::Comparisons
+            } else if is_list("chosen") {
+                Format::ImplicitPrompt
             } else {
                 Format::HhRlhf
             }
+        } else if has("prompt") && has("completion") && has("label") {
+            Format::Unpaired
         } else if has("prompt") && (has("response") || has("completion")) {
             Format::Demonstrations
         } else if has("prompt") {
@@ -65,8 +77,10 @@ impl Format {
             Format::Conversations => "conversations",
             Format::Comparisons => "comparisons",
             Format::HhRlhf => "hh_rlhf",
+            Format::ImplicitPrompt => "implicit_prompt",
             Format::Rankings => "rankings",
             Format::Prompts => "prompts",
+            Format::Unpaired => "unpaired",
         }
     }
 }
@@ -89,6 +103,14 @@ pub struct Comparison {
     pub rejected: String,
     pub group: usize,
     pub margin: Option<f64>,
+}
+
+/// One answer labeled desirable or not (KTO's unpaired data).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unpaired {
+    pub prompt: Vec<Message>,
+    pub completion: String,
+    pub desirable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -282,6 +304,7 @@ fn format_of(
                     "expected {what}, but the columns ({}) {}",
                     names.join(", "),
                     match format {
+                        Some(Format::Unpaired) => "are the `unpaired` format (prompt, completion, label), which trains `kto`".to_string(),
                         Some(f) => format!("are the `{}` format", f.name()),
                         None => "match no known format".to_string(),
                     }
@@ -298,10 +321,11 @@ pub fn validate(df: &DataFrame, path: &Path, format: Format) -> Result<(), DataE
         Format::Demonstrations | Format::Conversations => {
             load_demonstrations(df, path, Some(format)).map(drop)
         }
-        Format::Comparisons | Format::HhRlhf | Format::Rankings => {
+        Format::Comparisons | Format::HhRlhf | Format::ImplicitPrompt | Format::Rankings => {
             load_comparisons(df, path, Some(format)).map(drop)
         }
         Format::Prompts => load_prompts(df, path).map(drop),
+        Format::Unpaired => load_unpaired(df, path).map(drop),
     }
 }
 
@@ -352,11 +376,17 @@ pub fn load_comparisons(
     path: &Path,
     declared: Option<Format>,
 ) -> Result<Vec<Comparison>, DataError> {
-    let wanted = [Format::Comparisons, Format::HhRlhf, Format::Rankings];
-    let what = "comparisons (`prompt`, `chosen`, `rejected`), HH-RLHF transcripts (`chosen`, `rejected`) or rankings (`prompt`, `responses`)";
+    let wanted = [
+        Format::Comparisons,
+        Format::HhRlhf,
+        Format::ImplicitPrompt,
+        Format::Rankings,
+    ];
+    let what = "comparisons (`prompt`, `chosen`, `rejected`; text or messages), conversations `chosen` and `rejected` sharing their prompt turns, HH-RLHF transcripts (`chosen`, `rejected`) or rankings (`prompt`, `responses`)";
     let rows = match format_of(df, declared, path, &wanted, what)? {
         Format::Rankings => rankings(df, path)?,
         Format::HhRlhf => hh_rlhf(df, path)?,
+        Format::ImplicitPrompt => implicit_prompt(df, path)?,
         _ => {
             let prompts = prompt_column(df, "prompt", path)?;
             let chosen = response_column(df, "chosen", path)?;
@@ -535,6 +565,104 @@ fn hh_rlhf(df: &DataFrame, path: &Path) -> Result<Vec<Comparison>, DataError> {
         });
     }
     Ok(out)
+}
+
+/// TRL's implicit-prompt preference rows: `chosen` and `rejected` are whole
+/// conversations; their longest common leading run of turns is the prompt
+/// (as TRL's `extract_prompt`), and what follows must be one assistant turn.
+fn implicit_prompt(df: &DataFrame, path: &Path) -> Result<Vec<Comparison>, DataError> {
+    let chosen = messages_column(df, "chosen", path)?;
+    let rejected = messages_column(df, "rejected", path)?;
+    let mut out = Vec::with_capacity(chosen.len());
+    for (row, (c, r)) in chosen.into_iter().zip(rejected).enumerate() {
+        let shared = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
+        let answer = |m: &[Message], col: &str| {
+            match m {
+            [one] if one.role == "assistant" => Ok(one.content.clone()),
+            _ => Err(invalid(
+                path,
+                format!("column `{col}`, row {row}: after the turns `chosen` and `rejected` share, expected one assistant turn, found {}", m.len()),
+            )),
+        }
+        };
+        let (chosen, rejected) = (
+            answer(&c[shared..], "chosen")?,
+            answer(&r[shared..], "rejected")?,
+        );
+        let prompt = c[..shared].to_vec();
+        if prompt.last().is_none_or(|m| m.role != "user") {
+            return Err(invalid(
+                path,
+                format!("row {row}: the turns `chosen` and `rejected` share (the prompt) must end with a user turn"),
+            ));
+        }
+        out.push(Comparison {
+            prompt,
+            chosen,
+            rejected,
+            group: row,
+            margin: None,
+        });
+    }
+    Ok(out)
+}
+
+/// TRL's unpaired preference rows (`prompt`, `completion`, `label`), the
+/// data KTO trains on: `label` true (or 1) for a desirable completion.
+pub fn load_unpaired(df: &DataFrame, path: &Path) -> Result<Vec<Unpaired>, DataError> {
+    format_of(
+        df,
+        Some(Format::Unpaired),
+        path,
+        &[Format::Unpaired],
+        "unpaired data (`prompt`, `completion`, `label`)",
+    )?;
+    let prompts = prompt_column(df, "prompt", path)?;
+    let completions = response_column(df, "completion", path)?;
+    let col = column(df, "label", path)?;
+    let labels = col.cast(&DataType::Boolean).map_err(|_| {
+        invalid(
+            path,
+            format!(
+                "column `label` has type {}, expected true/false",
+                col.dtype()
+            ),
+        )
+    })?;
+    let labels: Vec<Option<bool>> = labels
+        .bool()
+        .map_err(|_| {
+            invalid(
+                path,
+                format!(
+                    "column `label` has type {}, expected true/false",
+                    col.dtype()
+                ),
+            )
+        })?
+        .iter()
+        .collect();
+    let missing: Vec<usize> = (0..labels.len()).filter(|i| labels[*i].is_none()).collect();
+    if !missing.is_empty() {
+        return Err(invalid(
+            path,
+            format!(
+                "column `label` has {} null values (rows {})",
+                missing.len(),
+                rows_list(&missing)
+            ),
+        ));
+    }
+    Ok(prompts
+        .into_iter()
+        .zip(completions)
+        .zip(labels)
+        .map(|((prompt, completion), label)| Unpaired {
+            prompt,
+            completion,
+            desirable: label.unwrap_or(false),
+        })
+        .collect())
 }
 
 pub fn load_prompts(df: &DataFrame, path: &Path) -> Result<Vec<PromptRow>, DataError> {

@@ -162,7 +162,25 @@ impl DataSource {
                 .into_iter()
                 .map(|t| t == (split == Split::Test))
                 .collect();
+            let rows = df.height();
             df = prepare::filter(&df, keep)?;
+            if df.height() == 0 {
+                let side = if split == Split::Test {
+                    "test"
+                } else {
+                    "train"
+                };
+                let how = match &self.split_column {
+                    Some(c) => format!("no row has `{c}` = \"{side}\""),
+                    None => format!("test_fraction = {}", self.test_fraction),
+                };
+                return Err(DataError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "split = \"{side}\" keeps none of its {rows} rows ({how}): use more rows, or change the split"
+                    ),
+                });
+            }
         }
         if self.dialogue_filter {
             let keep = super::formats::text_column(&df, &self.text_column, path)?

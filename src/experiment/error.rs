@@ -46,6 +46,7 @@ pub enum ErrorKind {
     InvalidValue,
     MissingStage,
     MissingOutput,
+    WrongStageKind,
     Cycle,
     Dataset,
 }

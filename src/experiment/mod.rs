@@ -3,11 +3,14 @@
 //! all before anything runs. Loading is two steps, as the style guide asks:
 //! [`source::read`] gives the raw merged tables; [`load`] resolves them.
 
+pub mod defaults;
 pub mod error;
 pub mod matrix;
 pub mod names;
+pub mod references;
 pub mod resources;
 pub mod source;
+pub mod splits;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -144,6 +147,13 @@ pub fn load(path: &Path, root: &Path) -> Result<Experiment, ExperimentError> {
         let stage = resolve_stage(&name, &raw_stages[&name], header.seed)?;
         stages.insert(name, stage);
     }
+    let kinds: BTreeMap<String, &'static str> = stages
+        .iter()
+        .map(|(n, s)| (n.clone(), s.settings.kind()))
+        .collect();
+    for stage in stages.values_mut() {
+        defaults::resolve(&mut stage.settings, &|n| kinds.get(n).copied());
+    }
     for (name, stage) in &stages {
         crate::memory::check(stage, &stages).map_err(|(field, message)| {
             let fields = &raw_stages[name].fields;
@@ -160,6 +170,7 @@ pub fn load(path: &Path, root: &Path) -> Result<Experiment, ExperimentError> {
     }
     check_references(&stages, &raw_stages)?;
     check_datasets(&stages, &raw_stages, root)?;
+    splits::check(&stages, &raw_stages)?;
     let experiment = Experiment {
         name: header.name,
         description: header.description,
@@ -382,7 +393,7 @@ fn settings_error(
             key_at.or(Some(raw.header.clone())),
             format!(
                 "unknown field `{field}` in {place}{}",
-                did_you_mean(&field, valid_names.iter().map(String::as_str))
+                suggestion(&field, &valid_names)
             ),
         )
         .with_help(format!(
@@ -414,6 +425,48 @@ fn settings_error(
         field_at(&top_field).or(Some(raw.header.clone())),
         format!("stage `{stage}`: field `{path}`: {message}"),
     )
+}
+
+/// Names people bring from Hugging Face / TRL for fields posttrain spells
+/// otherwise; suggested when the misspelling is not close to any name.
+const SYNONYMS: &[(&str, &str)] = &[
+    ("learning_rate", "lr"),
+    ("max_steps", "steps"),
+    ("num_steps", "steps"),
+    ("train_steps", "steps"),
+    ("per_device_train_batch_size", "batch_size"),
+    ("gradient_accumulation_steps", "grad_accum"),
+    ("warmup", "warmup_steps"),
+    ("lr_scheduler_type", "schedule"),
+    ("adam_beta1", "beta1"),
+    ("adam_beta2", "beta2"),
+    ("adam_epsilon", "eps"),
+    ("max_length", "max_len"),
+    ("max_seq_length", "max_len"),
+    ("max_prompt_length", "max_len"),
+    ("eval_steps", "eval_every"),
+    ("save_steps", "checkpoint_every"),
+    ("ref_model", "reference"),
+    ("model", "from"),
+    ("dataset", "data"),
+    ("train_dataset", "data"),
+    ("eval_dataset", "eval_data"),
+    ("kl_coef", "beta"),
+    ("num_generations", "samples"),
+];
+
+/// " (did you mean `x`?)" for a close spelling, else for a known synonym
+/// that is a valid name here.
+fn suggestion(field: &str, valid: &[String]) -> String {
+    let close = did_you_mean(field, valid.iter().map(String::as_str));
+    if !close.is_empty() {
+        return close;
+    }
+    SYNONYMS
+        .iter()
+        .find(|(from, to)| *from == field && valid.iter().any(|v| v == to))
+        .map(|(_, to)| format!(" (did you mean `{to}`?)"))
+        .unwrap_or_default()
 }
 
 fn backticked_after(message: &str, prefix: &str) -> Option<String> {
@@ -469,6 +522,10 @@ fn check_references(
                 ));
                 return Err(err);
             };
+            if let InputTarget::Stage(_) = &input.target {
+                let at = at.clone().or(Some(raw[name].header.clone()));
+                check_kind(name, stage, &input.field, upstream, stages, at)?;
+            }
             if let InputTarget::StageFile { file, .. } = &input.target {
                 if let Some(outputs) = upstream.settings.outputs() {
                     if !outputs.contains(file) {
@@ -492,6 +549,49 @@ fn check_references(
         }
     }
     Ok(())
+}
+
+/// A reference names a stage whose kind produces what the field needs.
+fn check_kind(
+    name: &str,
+    stage: &Stage,
+    field: &str,
+    upstream: &Stage,
+    stages: &BTreeMap<String, Stage>,
+    at: Option<Location>,
+) -> Result<(), ExperimentError> {
+    let kind = stage.settings.kind();
+    let Some(wanted) = references::needs(kind, field) else {
+        return Ok(());
+    };
+    let up_kind = upstream.settings.kind();
+    let Some(missing) = references::mismatch(wanted, up_kind) else {
+        return Ok(());
+    };
+    let would_do = references::kinds_producing(wanted);
+    let candidates: Vec<&str> = stages
+        .iter()
+        .filter(|(n, s)| *n != name && would_do.contains(&s.settings.kind()))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let help = if candidates.is_empty() {
+        format!("kinds that would do: {}", would_do.join(", "))
+    } else {
+        format!(
+            "kinds that would do: {}; in this experiment: {}",
+            would_do.join(", "),
+            quoted_list(candidates.iter().copied())
+        )
+    };
+    Err(ExperimentError::new(
+        ErrorKind::WrongStageKind,
+        at,
+        format!(
+            "stage `{name}` (kind `{kind}`): `{field}` needs {missing}, but stage `{}` is a `{up_kind}` stage",
+            upstream.name
+        ),
+    )
+    .with_help(help))
 }
 
 fn check_datasets(

@@ -2,6 +2,7 @@
 //! the store already has it, and — when it does not — why it must run,
 //! compared with this experiment's last run.
 
+pub mod check_data;
 pub mod dag;
 pub mod hash;
 pub mod key;

@@ -92,3 +92,58 @@ pub fn summary(df: &DataFrame) -> Result<DataFrame, PolarsError> {
     }
     DataFrame::new(df.height(), columns)
 }
+
+/// The summary for a terminal `width` characters wide: the summary columns
+/// and `win_rate_reward`, without those that have no value in any row (no
+/// gold labeler: no gold columns), then the last ones dropped until it fits.
+pub fn summary_fitting(df: &DataFrame, width: usize) -> Result<DataFrame, PolarsError> {
+    let mut names: Vec<&str> = vec!["experiment", "eval_stage"];
+    for c in SUMMARY_COLUMNS {
+        names.push(c);
+        if c == "win_rate_gold" {
+            names.push("win_rate_reward");
+        }
+    }
+    let mut columns = Vec::new();
+    for name in names {
+        let Ok(c) = df.column(name) else {
+            continue;
+        };
+        let c = match c.dtype() {
+            DataType::Float64 | DataType::Float32 => {
+                let values: Vec<Option<f64>> = c
+                    .cast(&DataType::Float64)?
+                    .f64()?
+                    .iter()
+                    .map(|v| {
+                        v.filter(|x| x.is_finite())
+                            .map(|x| (x * 1000.0).round() / 1000.0)
+                    })
+                    .collect();
+                if values.iter().all(Option::is_none) {
+                    continue;
+                }
+                Column::new(c.name().clone(), values)
+            }
+            _ if c.null_count() == c.len() => continue,
+            _ => c.clone(),
+        };
+        columns.push(c);
+    }
+    // Polars draws "│ a ┆ b │": a cell is its text and three characters.
+    let cell_width = |c: &Column| -> usize {
+        let longest = (0..c.len())
+            .map(|i| match c.get(i) {
+                Ok(AnyValue::String(s)) => s.chars().count(),
+                Ok(AnyValue::Null) | Err(_) => 4,
+                Ok(v) => v.to_string().len(),
+            })
+            .max()
+            .unwrap_or(0);
+        c.name().chars().count().max(longest) + 3
+    };
+    while columns.len() > 3 && columns.iter().map(cell_width).sum::<usize>() + 1 > width {
+        columns.pop();
+    }
+    DataFrame::new(df.height(), columns)
+}

@@ -81,6 +81,7 @@ pub fn policy_points(df: &DataFrame, with_experiment: bool) -> PolarsResult<Vec<
                 reward: y,
                 reward_low: lo,
                 reward_high: hi,
+                gold: gold[i].is_finite(),
             }
         })
         .collect())

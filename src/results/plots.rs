@@ -209,6 +209,26 @@ fn training_figure(df: &DataFrame, path: &Path, stage: &str) -> Result<TrainingF
     })
 }
 
+/// An exponential moving average of a dense curve (TensorBoard's
+/// smoothing, weight 0.9 for 100+ points, less for shorter curves);
+/// `None` for curves too short to need it.
+fn smooth(points: &[(f64, f64)]) -> Option<Vec<(f64, f64)>> {
+    if points.len() < 20 {
+        return None;
+    }
+    let weight = if points.len() >= 100 { 0.9 } else { 0.6 };
+    let mut last = points[0].1;
+    Some(
+        points
+            .iter()
+            .map(|(x, y)| {
+                last = weight * last + (1.0 - weight) * y;
+                (*x, last)
+            })
+            .collect(),
+    )
+}
+
 /// Steps are integers: "200", not plotters' "200.0".
 fn step_label(x: &f64) -> String {
     if x.fract() == 0.0 {
@@ -239,8 +259,12 @@ impl Figure for TrainingFigure {
         }
         for ((group, curves), area) in self.panels.iter().zip(root.split_evenly(self.grid())) {
             let all = || curves.iter().flat_map(|c| c.points.iter());
+            // Name what is plotted: DPO's `kl_proxy` is a log-ratio margin
+            // that can go negative, not a KL.
+            let names: Vec<&str> = curves.iter().map(|c| c.name.as_str()).collect();
+            let caption = format!("{group}: {}", names.join(", "));
             let mut chart = ChartBuilder::on(&area)
-                .caption(*group, (FONT, 20))
+                .caption(caption, (FONT, 20))
                 .margin(10)
                 .x_label_area_size(35)
                 .y_label_area_size(55)
@@ -256,9 +280,17 @@ impl Figure for TrainingFigure {
                 .draw()?;
             for (i, curve) in curves.iter().enumerate() {
                 let color = Palette99::pick(i).to_rgba();
+                let smoothed = smooth(&curve.points);
+                if smoothed.is_some() {
+                    // The raw per-step values faded, the smoothed curve on top.
+                    chart.draw_series(LineSeries::new(
+                        curve.points.iter().copied(),
+                        color.mix(0.25).stroke_width(1),
+                    ))?;
+                }
                 chart
                     .draw_series(LineSeries::new(
-                        curve.points.iter().copied(),
+                        smoothed.unwrap_or_else(|| curve.points.clone()),
                         color.stroke_width(2),
                     ))?
                     .label(curve.name.as_str())
@@ -308,6 +340,8 @@ pub struct PolicyPoint {
     pub reward: f64,
     pub reward_low: f64,
     pub reward_high: f64,
+    /// The reward is the gold labeler's (else the reward model's score).
+    pub gold: bool,
 }
 
 struct FrontierFigure<'a> {
@@ -326,10 +360,21 @@ impl Figure for FrontierFigure<'_> {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult<DB> {
         root.fill(&WHITE)?;
         let (plot, footer) = root.split_vertically(570);
-        // KL is non-negative and the reference sits at 0, so the axis starts
-        // there; the extra 15% leaves room for the labels.
+        // The reference sits at 0, so the axis starts there, or below it for
+        // a negative estimate (drawn where it is, not clamped to 0); the
+        // extra 15% leaves room for the labels.
         let max_kl = self.shown.iter().map(|p| p.kl).fold(0.0, f64::max);
+        let min_kl = self.shown.iter().map(|p| p.kl).fold(0.0, f64::min);
         let x_max = if max_kl > 0.0 { 1.15 * max_kl } else { 1.0 };
+        let x_min = if min_kl < 0.0 { 1.15 * min_kl } else { 0.0 };
+        let y_desc = match (
+            self.shown.iter().all(|p| p.gold),
+            self.shown.iter().any(|p| p.gold),
+        ) {
+            (true, _) => "gold reward",
+            (false, false) => "reward model score",
+            (false, true) => "gold reward (reward model score where no gold)",
+        };
         let ys = self
             .shown
             .iter()
@@ -339,11 +384,11 @@ impl Figure for FrontierFigure<'_> {
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(0.0..x_max, padded(ys))?;
+            .build_cartesian_2d(x_min..x_max, padded(ys))?;
         chart
             .configure_mesh()
             .x_desc("KL to reference (nats)")
-            .y_desc("gold reward")
+            .y_desc(y_desc)
             .label_style((FONT, 14))
             .axis_desc_style((FONT, 16))
             .light_line_style(BLACK.mix(0.04))
@@ -360,11 +405,34 @@ impl Figure for FrontierFigure<'_> {
                 chart.draw_series([cap(lo), cap(hi)])?;
             }
         }
+        // A sweep's points (`dpo@beta=0.1`, `dpo@beta=0.5`) joined by a line,
+        // in KL order.
+        let mut sweeps: std::collections::BTreeMap<&str, Vec<(f64, f64)>> = Default::default();
+        for p in &self.shown {
+            if let Some((base, _)) = p.label.split_once('@') {
+                sweeps.entry(base).or_default().push((p.kl, p.reward));
+            }
+        }
+        for line in sweeps.values_mut().filter(|l| l.len() > 1) {
+            line.sort_by(|a, b| a.0.total_cmp(&b.0));
+            chart.draw_series(LineSeries::new(
+                line.clone(),
+                BLACK.mix(0.35).stroke_width(1),
+            ))?;
+        }
+        // Labels of points at the same place stack instead of overlapping.
+        let mut seen: Vec<(f64, f64)> = Vec::new();
         let points = self.shown.iter().enumerate().map(|(i, p)| {
             let color = Palette99::pick(i).to_rgba();
+            let near = |q: &(f64, f64)| {
+                (q.0 - p.kl).abs() <= 1e-6 * (1.0 + p.kl.abs())
+                    && (q.1 - p.reward).abs() <= 1e-6 * (1.0 + p.reward.abs())
+            };
+            let stacked = seen.iter().filter(|q| near(q)).count() as i32;
+            seen.push((p.kl, p.reward));
             EmptyElement::at((p.kl, p.reward))
                 + Circle::new((0, 0), 5, color.filled())
-                + Text::new(p.label.clone(), (8, -18), (FONT, 16))
+                + Text::new(p.label.clone(), (8, -18 + 18 * stacked), (FONT, 16))
         });
         chart.draw_series(points)?;
         let note = if self.shown.is_empty() {
@@ -528,7 +596,50 @@ mod tests {
             reward,
             reward_low: reward - 0.1,
             reward_high: reward + 0.1,
+            gold: true,
         }
+    }
+
+    #[test]
+    fn panels_name_what_they_plot_and_the_frontier_its_y_axis() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = df!(
+            "step" => (0..40i64).collect::<Vec<_>>(),
+            "loss" => (0..40).map(|i| 1.0 / (1.0 + i as f64)).collect::<Vec<_>>(),
+            "kl_proxy" => (0..40).map(|i| -0.2 * i as f64).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let path = dir.path().join("metrics.parquet");
+        crate::data::write_parquet(&mut metrics.clone(), &path).unwrap();
+        let files = training_curves(&path, "dpo", dir.path()).unwrap();
+        let svg = std::fs::read_to_string(&files[0]).unwrap();
+        assert!(
+            svg.contains("KL: kl_proxy"),
+            "the KL panel says what it plots"
+        );
+        assert!(smooth(&metrics_points()).is_some());
+
+        let mut a = point("dpo@beta=0.1", -1.0, 0.2);
+        a.gold = false;
+        let mut b = point("dpo@beta=0.5", 2.0, 0.4);
+        b.gold = false;
+        let mut c = point("sft", 2.0, 0.4);
+        c.gold = false;
+        let files = reward_vs_kl(&[a, b, c], "rm vs KL", dir.path()).unwrap();
+        let svg = std::fs::read_to_string(&files[0]).unwrap();
+        assert!(
+            svg.contains("reward model score"),
+            "no gold: the y axis says so"
+        );
+        assert!(!svg.contains("gold reward"));
+        assert!(
+            !svg.contains("not shown"),
+            "a negative KL is drawn, not dropped"
+        );
+    }
+
+    fn metrics_points() -> Vec<(f64, f64)> {
+        (0..30).map(|i| (i as f64, (i % 3) as f64)).collect()
     }
 
     #[test]

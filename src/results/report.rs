@@ -61,11 +61,36 @@ pub fn write_report(results_dir: &Path, experiment: &str) -> Result<PathBuf, Rep
     );
     if let Some(df) = &eval {
         html.push_str("<h2>Evaluation</h2>\n");
-        push_table(&mut html, df);
+        let df = without_empty_columns(df);
+        let names: Vec<String> = df
+            .get_column_names()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        let main: Vec<String> = ["policy"]
+            .iter()
+            .chain(&super::eval_table::SUMMARY_COLUMNS[1..])
+            .chain(&["win_rate_reward"])
+            .filter(|c| names.iter().any(|n| n == *c))
+            .map(|c| c.to_string())
+            .collect();
+        match df.select(main.clone()) {
+            Ok(summary) if !main.is_empty() => {
+                push_table(&mut html, &summary);
+                let _ = writeln!(
+                    html,
+                    "<details><summary>all {} columns</summary>",
+                    names.len()
+                );
+                push_table(&mut html, &df);
+                html.push_str("</details>\n");
+            }
+            _ => push_table(&mut html, &df),
+        }
     }
     if let Some(df) = &runs {
         html.push_str("<h2>Runs</h2>\n");
-        push_table(&mut html, df);
+        push_runs(&mut html, df);
     }
     let plots = svg_files(&results_dir.join("plots"))?;
     if !plots.is_empty() {
@@ -113,6 +138,89 @@ fn inline_svg(svg: &str) -> &str {
     svg.find("<svg").map_or(svg, |at| &svg[at..])
 }
 
+/// The frame without the columns that hold no value in any row (no gold
+/// labeler: no gold columns).
+fn without_empty_columns(df: &DataFrame) -> DataFrame {
+    let keep: Vec<Column> = df
+        .columns()
+        .iter()
+        .filter(|c| {
+            let floats = c.cast(&DataType::Float64).ok();
+            match floats.as_ref().and_then(|f| f.f64().ok()) {
+                Some(f) if c.dtype().is_primitive_numeric() => {
+                    f.iter().any(|v| v.is_some_and(f64::is_finite))
+                }
+                _ => c.null_count() < c.len(),
+            }
+        })
+        .cloned()
+        .collect();
+    DataFrame::new(df.height(), keep).unwrap_or_else(|_| df.clone())
+}
+
+/// The runs table as a person reads it: short keys (the full one on
+/// hover), the time each entry took to build (a cached stage's too, from
+/// its store manifest), the final metrics folded, 3 significant digits.
+fn push_runs(html: &mut String, df: &DataFrame) {
+    let text = |c: &str| -> Vec<String> {
+        df.column(c)
+            .ok()
+            .and_then(|c| {
+                c.str()
+                    .ok()
+                    .map(|s| s.iter().map(|v| v.unwrap_or("").to_string()).collect())
+            })
+            .unwrap_or_else(|| vec![String::new(); df.height()])
+    };
+    let (stage, kind, key, status, store, metrics) = (
+        text("stage"),
+        text("kind"),
+        text("key"),
+        text("status"),
+        text("store_path"),
+        text("metrics"),
+    );
+    let duration: Vec<Option<f64>> = df
+        .column("duration_s")
+        .ok()
+        .and_then(|c| c.f64().ok().map(|f| f.iter().collect()))
+        .unwrap_or_else(|| vec![None; df.height()]);
+    html.push_str("<table>\n<thead><tr><th>stage</th><th>kind</th><th>key</th><th>status</th><th>built in (s)</th><th>metrics</th></tr></thead>\n<tbody>\n");
+    for i in 0..df.height() {
+        let built = match duration[i] {
+            Some(d) if status[i] != "cached" => Some(d),
+            _ => built_seconds(Path::new(&store[i])),
+        };
+        let metric_map: std::collections::BTreeMap<String, f64> =
+            serde_json::from_str(&metrics[i]).unwrap_or_default();
+        let lines: Vec<String> = metric_map
+            .iter()
+            .map(|(k, v)| format!("{} = {}", escape(k), sig3(*v)))
+            .collect();
+        let short = key[i].chars().take(12).collect::<String>();
+        let _ = writeln!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td><code title=\"{}\">{}</code></td><td>{}</td><td class=\"num\">{}</td><td><details><summary>{} metrics</summary>{}</details></td></tr>",
+            escape(&stage[i]),
+            escape(&kind[i]),
+            escape(&key[i]),
+            escape(&short),
+            escape(&status[i]),
+            built.map(sig3).unwrap_or_default(),
+            lines.len(),
+            lines.join("<br>")
+        );
+    }
+    html.push_str("</tbody>\n</table>\n");
+}
+
+/// How long the store entry at `dir` took to build, from its manifest.
+fn built_seconds(dir: &Path) -> Option<f64> {
+    let bytes = std::fs::read(dir.join("manifest.json")).ok()?;
+    let manifest: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    manifest.get("duration_s")?.as_f64()
+}
+
 fn push_table(html: &mut String, df: &DataFrame) {
     html.push_str("<table>\n<thead><tr>");
     for name in df.get_column_names() {
@@ -125,6 +233,15 @@ fn push_table(html: &mut String, df: &DataFrame) {
             let numeric = col.dtype().is_primitive_numeric();
             let class = if numeric { " class=\"num\"" } else { "" };
             let cell = col.get(i).map(|v| cell_text(&v)).unwrap_or_default();
+            if is_key(&cell) {
+                // A cache key: its first 12 characters, the whole on hover.
+                let _ = write!(
+                    html,
+                    "<td><code title=\"{cell}\">{}</code></td>",
+                    &cell[..12]
+                );
+                continue;
+            }
             let _ = write!(html, "<td{class}>{}</td>", escape(&cell));
         }
         html.push_str("</tr>\n");
@@ -132,30 +249,50 @@ fn push_table(html: &mut String, df: &DataFrame) {
     html.push_str("</tbody>\n</table>\n");
 }
 
-/// A table cell's text: nulls blank, floats to 4 significant digits,
+/// A 64-character blake3 hex key.
+fn is_key(text: &str) -> bool {
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// A table cell's text: nulls blank, floats to 3 significant digits,
 /// strings unquoted.
 fn cell_text(value: &AnyValue) -> String {
     match value {
         AnyValue::Null => String::new(),
-        AnyValue::Float64(x) => sig4(*x),
-        AnyValue::Float32(x) => sig4(f64::from(*x)),
+        AnyValue::Float64(x) => sig3(*x),
+        AnyValue::Float32(x) => sig3(f64::from(*x)),
         AnyValue::String(s) => s.to_string(),
         AnyValue::StringOwned(s) => s.to_string(),
         other => other.to_string(),
     }
 }
 
-/// `x` to 4 significant digits: fixed-point from 0.001 to 9999, scientific
-/// outside, where fixed-point would print a row of zeros.
-fn sig4(x: f64) -> String {
+/// `x` to 3 significant digits: fixed-point from 0.001 to 99999 (whole
+/// numbers from 100 on), scientific outside, where fixed-point would print
+/// a row of zeros.
+fn sig3(x: f64) -> String {
     if !x.is_finite() || x == 0.0 {
         return x.to_string();
     }
+    // Counts (rows, steps, tokens) print as integers, not "50.0".
+    if x.fract() == 0.0 && x.abs() < 1e5 {
+        return format!("{x:.0}");
+    }
     let exponent = x.abs().log10().floor() as i32;
-    if (-3..4).contains(&exponent) {
-        format!("{:.*}", (3 - exponent) as usize, x)
+    if (-3..5).contains(&exponent) {
+        let decimals = (2 - exponent).max(0) as usize;
+        let rounded = if exponent > 2 {
+            let scale = 10f64.powi(exponent - 2);
+            (x / scale).round() * scale
+        } else {
+            x
+        };
+        format!("{rounded:.decimals$}")
     } else {
-        format!("{x:.3e}")
+        format!("{x:.2e}")
     }
 }
 
@@ -180,18 +317,21 @@ mod tests {
     use crate::data::write_parquet;
 
     #[test]
-    fn floats_keep_four_significant_digits() {
+    fn floats_keep_three_significant_digits() {
         let cases = [
-            (0.123456, "0.1235"),
-            (123.456, "123.5"),
-            (-2.0, "-2.000"),
-            (0.00123456, "0.001235"),
-            (12345.6, "1.235e4"),
+            (0.123456, "0.123"),
+            (123.456, "123"),
+            (-2.0, "-2"),
+            (-2.5, "-2.50"),
+            (50.0, "50"),
+            (0.00123456, "0.00123"),
+            (12345.6, "12300"),
+            (123456.0, "1.23e5"),
             (0.0, "0"),
             (f64::NAN, "NaN"),
         ];
         for (x, want) in cases {
-            assert_eq!(sig4(x), want, "{x}");
+            assert_eq!(sig3(x), want, "{x}");
         }
     }
 
@@ -203,11 +343,24 @@ mod tests {
             "policy" => ["sft", "<script>alert('x')</script>"],
             "gold_reward" => [Some(0.123456), None],
             "n" => [100i64, 100],
+            "policy_key" => ["0123456789abcdef".repeat(4), "fedcba9876543210".repeat(4)],
         )
         .unwrap();
         write_parquet(&mut eval, &results.join(EVAL_FILE)).unwrap();
-        let mut runs =
-            df!("stage" => ["sft"], "status" => ["ran"], "duration_s" => [12.5]).unwrap();
+        let entry = results.join("entry");
+        std::fs::create_dir_all(&entry).unwrap();
+        std::fs::write(entry.join("manifest.json"), r#"{"duration_s": 41.27}"#).unwrap();
+        let key = "0123456789abcdef".repeat(4);
+        let mut runs = df!(
+            "stage" => ["sft", "rm"],
+            "kind" => ["sft", "reward"],
+            "key" => [key.as_str(), key.as_str()],
+            "status" => ["ran", "cached"],
+            "duration_s" => [12.5, 0.0],
+            "store_path" => ["", entry.to_str().unwrap()],
+            "metrics" => [r#"{"loss": 1.23456}"#, "{}"],
+        )
+        .unwrap();
         write_parquet(&mut runs, &results.join(RUNS_FILE)).unwrap();
         let plots = results.join("plots");
         std::fs::create_dir_all(&plots).unwrap();
@@ -224,10 +377,15 @@ mod tests {
         assert!(html.contains("<code>llama-dpo</code>"));
         for cell in [
             "<td>sft</td>",
-            "<td class=\"num\">0.1235</td>",
-            "<td class=\"num\"></td>",
-            "<td class=\"num\">12.50</td>",
+            "<td class=\"num\">0.123</td>",
+            "<td class=\"num\">12.5</td>",
+            "<td class=\"num\">41.3</td>",
             "<td>ran</td>",
+            "<code title=\"0123456789abcdef",
+            ">0123456789ab</code>",
+            "loss = 1.23",
+            "<details><summary>all 4 columns</summary>",
+            "<td><code title=\"fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210\">fedcba987654</code></td>",
         ] {
             assert!(html.contains(cell), "report lacks {cell}");
         }

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use crate::experiment::Experiment;
+use crate::plan::check_data::{self, DataProblem};
 use crate::plan::{make_plan, HashCache, Plan, PlanError, PlannedStage, Reason};
 use crate::results::record::{RunRecord, StageRecord};
 use crate::results::{eval_table, experiment_dir, experiment_plots, runs_table};
@@ -50,6 +51,9 @@ pub struct RunOptions {
     pub executor: Executor,
     /// Slurm: submit and return without waiting for the jobs.
     pub detach: bool,
+    /// Build every stage whose datasets are fine, skipping those (and
+    /// what depends on them) whose datasets are not.
+    pub keep_going: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +66,9 @@ pub enum Status {
     Skipped,
     /// Submitted to the cluster, not waited for (`--detach`).
     Submitted,
+    /// Not run: a dataset it reads (or an upstream stage's) has a problem
+    /// (`--keep-going`).
+    Blocked,
 }
 
 impl Status {
@@ -72,6 +79,7 @@ impl Status {
             Status::WouldRun => "would run",
             Status::Skipped => "skipped",
             Status::Submitted => "submitted",
+            Status::Blocked => "blocked",
         }
     }
 }
@@ -92,6 +100,8 @@ pub struct RunReport {
     pub experiment: String,
     pub stages: Vec<StageOutcome>,
     pub results_dir: PathBuf,
+    /// Stages not run for their data (`--keep-going`): why, by stage.
+    pub blocked: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +139,18 @@ pub enum RunError {
     Slurm(#[from] slurm::SlurmError),
     #[error("job {}: {message}", spec.display())]
     Job { spec: PathBuf, message: String },
+    #[error("{}", data_problems(.0))]
+    Data(Vec<DataProblem>),
+}
+
+fn data_problems(problems: &[DataProblem]) -> String {
+    let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+    format!(
+        "{} dataset problem{} found before anything ran:\n{}\n  help: fix the data (or the stage's `columns`, `split`), or run with --keep-going to build the stages whose data is fine",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" },
+        lines.join("\n")
+    )
 }
 
 impl From<crate::data::DataError> for RunError {
@@ -209,10 +231,11 @@ pub fn run(
     };
     let force: BTreeSet<String> = options.force.iter().cloned().collect();
     let stale = |p: &PlannedStage| force.contains(&p.name) || !p.cached;
+    let blocked = blocked_by_data(&plan, exp, &project.root, &selected, options.keep_going)?;
     let todo: Vec<&PlannedStage> = plan
         .stages
         .iter()
-        .filter(|p| selected.contains(&p.name) && stale(p))
+        .filter(|p| selected.contains(&p.name) && stale(p) && !blocked.contains_key(&p.name))
         .collect();
 
     let console = Console::new(options.quiet);
@@ -289,6 +312,11 @@ pub fn run(
             outcomes.push(outcome);
             continue;
         }
+        if blocked.contains_key(name) && stale(planned) {
+            outcome.status = Status::Blocked;
+            outcomes.push(outcome);
+            continue;
+        }
         if options.dry_run || submitted.contains(name) {
             outcome.status = match (stale(planned), options.dry_run) {
                 (false, _) => Status::Cached,
@@ -348,7 +376,51 @@ pub fn run(
         experiment: exp.name.clone(),
         stages: outcomes,
         results_dir,
+        blocked,
     })
+}
+
+/// The stale selected stages that cannot run because a dataset they read,
+/// or one an upstream stage reads, has a problem (by stage: the problems).
+/// Without `keep_going`, any problem stops the run before anything builds.
+fn blocked_by_data(
+    plan: &Plan,
+    exp: &Experiment,
+    root: &std::path::Path,
+    selected: &BTreeSet<String>,
+    keep_going: bool,
+) -> Result<BTreeMap<String, Vec<String>>, RunError> {
+    let problems: Vec<DataProblem> = check_data::check(exp, root)
+        .into_iter()
+        .filter(|p| selected.contains(&p.stage))
+        .collect();
+    if problems.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    if !keep_going {
+        return Err(RunError::Data(problems));
+    }
+    let mut blocked: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for p in problems {
+        blocked
+            .entry(p.stage.clone())
+            .or_default()
+            .push(p.to_string());
+    }
+    // Upstream first: a stage reading a blocked stage is blocked too.
+    for s in &plan.stages {
+        let ups: Vec<String> = s
+            .identity
+            .upstream
+            .iter()
+            .filter(|u| blocked.contains_key(&u.stage))
+            .map(|u| format!("upstream stage `{}` is blocked", u.stage))
+            .collect();
+        if !ups.is_empty() {
+            blocked.entry(s.name.clone()).or_default().extend(ups);
+        }
+    }
+    Ok(blocked)
 }
 
 /// `last_run.json`, `runs.parquet` and `stages/NAME` links to store entries.

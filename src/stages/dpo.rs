@@ -88,7 +88,8 @@ fn default_max_len() -> usize {
 
 impl StageKind for DpoSettings {
     const KIND: &'static str = "dpo";
-    const RECIPE_VERSION: u32 = 5;
+    // 6: config.json's max_position_embeddings is the trained max_len.
+    const RECIPE_VERSION: u32 = 6;
     const SUMMARY: &'static str = "direct preference optimisation against a frozen reference";
 
     fn inputs(&self) -> Vec<Input> {
@@ -183,6 +184,7 @@ impl StageKind for DpoSettings {
             ctx.progress,
         )?;
         copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;
+        super::model_files::record_context(ctx.out_dir, self.max_len)?;
         metrics.insert("pairs".into(), pairs.len() as f64);
         metrics.insert("reference_cache_hit".into(), f64::from(u8::from(hit)));
         Ok(metrics)

@@ -1,6 +1,7 @@
 //! `kto`: Kahneman-Tversky optimisation from unpaired labels: each
 //! comparison of `data` becomes two examples, its chosen answer desirable
 //! and its rejected one undesirable (TRL's conversion of paired data), or
+//! `data` is TRL's unpaired format (`prompt`, `completion`, `label`), or
 //! each answer of `ratings` is desirable when its mean rating reaches
 //! `threshold`; and
 //! the policy trains against the frozen `reference` (default `from`). See
@@ -24,7 +25,7 @@ use super::model_files::{
 use super::token_data::load_pairs;
 use super::{DataSource, Input, Metrics, StageContext, StageError, StageKind, StageRef};
 use crate::chat::Message;
-use crate::data::formats::Demonstration;
+use crate::data::formats::{self, Demonstration, Format};
 use crate::data::ratings;
 use crate::data::tokenize::{self, TokenCache};
 use crate::train::causal_lm::LmExamples;
@@ -49,7 +50,8 @@ pub struct KtoSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<StageRef>,
     /// Comparisons, split into desirable (chosen) and undesirable
-    /// (rejected) examples. This or `ratings` is required.
+    /// (rejected) examples, or TRL's unpaired rows (`prompt`,
+    /// `completion`, `label`). This or `ratings` is required.
     #[serde(
         default,
         deserialize_with = "DataSource::optional",
@@ -95,7 +97,7 @@ pub struct KtoSettings {
 fn default_beta() -> f64 {
     0.1
 }
-const DEFAULT_THRESHOLD: f64 = 5.0;
+pub(crate) const DEFAULT_THRESHOLD: f64 = 5.0;
 fn default_weight() -> f64 {
     1.0
 }
@@ -161,21 +163,65 @@ impl KtoSettings {
     ) -> Result<(LmExamples, Vec<bool>), StageError> {
         let (df, path) = ctx.load(source)?;
         let labels = ratings::to_labels(&ratings::read(&df, &path)?, self.threshold());
-        let rows: Vec<Demonstration> = labels
+        let rows: Vec<(Demonstration, bool)> = labels
             .iter()
-            .map(|(p, r, _)| Demonstration {
-                prompt: vec![Message::user(p)],
-                response: r.clone(),
+            .map(|(p, r, label)| {
+                let row = Demonstration {
+                    prompt: vec![Message::user(p)],
+                    response: r.clone(),
+                };
+                (row, *label)
             })
             .collect();
-        let table = tokenize::demonstrations(tok, &rows, cache)?;
+        let why = format!("with `threshold` = {}", self.threshold());
+        self.labeled(&rows, &path, &why, tok, cache)
+    }
+
+    /// Examples and labels from TRL's unpaired rows (`prompt`,
+    /// `completion`, `label`); `None` when `source` holds another format.
+    fn unpaired_rows(
+        &self,
+        ctx: &StageContext,
+        source: &DataSource,
+        tok: &crate::chat::LoadedTokenizer,
+        cache: &mut TokenCache,
+    ) -> Result<Option<(LmExamples, Vec<bool>)>, StageError> {
+        let (df, path) = ctx.load(source)?;
+        if source.format.or_else(|| Format::detect(&df)) != Some(Format::Unpaired) {
+            return Ok(None);
+        }
+        let rows: Vec<(Demonstration, bool)> = formats::load_unpaired(&df, &path)?
+            .into_iter()
+            .map(|u| {
+                let row = Demonstration {
+                    prompt: u.prompt,
+                    response: u.completion,
+                };
+                (row, u.desirable)
+            })
+            .collect();
+        self.labeled(&rows, &path, "in `label`", tok, cache)
+            .map(Some)
+    }
+
+    /// Labeled answers as token ids, cut to `max_len`; both labels needed.
+    fn labeled(
+        &self,
+        rows: &[(Demonstration, bool)],
+        path: &std::path::Path,
+        why: &str,
+        tok: &crate::chat::LoadedTokenizer,
+        cache: &mut TokenCache,
+    ) -> Result<(LmExamples, Vec<bool>), StageError> {
+        let demos: Vec<Demonstration> = rows.iter().map(|(d, _)| d.clone()).collect();
+        let table = tokenize::demonstrations(tok, &demos, cache)?;
         let mut examples = LmExamples::default();
         let mut desirable = Vec::new();
-        for ((tokens, trained), (_, _, label)) in table
+        for ((tokens, trained), (_, label)) in table
             .column("tokens")
             .iter()
             .zip(table.column("trained"))
-            .zip(&labels)
+            .zip(rows)
         {
             let mut tokens = tokens.clone();
             let mut trained: Vec<bool> = trained.iter().map(|t| *t == 1).collect();
@@ -189,9 +235,8 @@ impl KtoSettings {
         }
         if desirable.iter().all(|d| *d) || !desirable.iter().any(|d| *d) {
             return Err(StageError::Failed(format!(
-                "{}: with `threshold` = {} every answer is {}: KTO needs both labels",
+                "{}: {why} every answer is {}: KTO needs both labels",
                 path.display(),
-                self.threshold(),
                 if desirable.first() == Some(&true) {
                     "desirable"
                 } else {
@@ -205,7 +250,8 @@ impl KtoSettings {
 
 impl StageKind for KtoSettings {
     const KIND: &'static str = "kto";
-    const RECIPE_VERSION: u32 = 1;
+    // 2: config.json's max_position_embeddings is the trained max_len.
+    const RECIPE_VERSION: u32 = 2;
     const SUMMARY: &'static str = "KTO: desirable / undesirable labels against a frozen reference";
 
     fn inputs(&self) -> Vec<Input> {
@@ -265,7 +311,10 @@ impl StageKind for KtoSettings {
         let mut cache = TokenCache::new(ctx.cache_dir.join("tokens"));
         ctx.progress.set_message("tokenizing");
         let (examples, desirable) = match (&self.data, &self.ratings) {
-            (Some(d), _) => split_pairs(&load_pairs(ctx, d, &tok, &mut cache, self.max_len)?.pairs),
+            (Some(d), _) => match self.unpaired_rows(ctx, d, &tok, &mut cache)? {
+                Some(labeled) => labeled,
+                None => split_pairs(&load_pairs(ctx, d, &tok, &mut cache, self.max_len)?.pairs),
+            },
             (None, Some(r)) => self.rated(ctx, r, &tok, &mut cache)?,
             (None, None) => unreachable!("validated: data or ratings"),
         };
@@ -306,6 +355,7 @@ impl StageKind for KtoSettings {
             ctx.progress,
         )?;
         copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;
+        super::model_files::record_context(ctx.out_dir, self.max_len)?;
         metrics.insert("examples".into(), data.desirable.len() as f64);
         metrics.insert("desirable".into(), n_d as f64);
         Ok(metrics)

@@ -278,6 +278,11 @@ impl StageKind for LabelSettings {
         .map_err(DataError::from)?;
         if let Some(extra) = &self.extra {
             let (more, path) = ctx.load(extra)?;
+            let more = if more.column("chosen_gold").is_ok() {
+                more
+            } else {
+                extra_comparisons(&more, &path, extra.format)?
+            };
             let names: Vec<String> = df
                 .get_column_names()
                 .iter()
@@ -310,6 +315,45 @@ impl StageKind for LabelSettings {
         metrics.insert("skipped_empty_pairs".into(), skipped_empty as f64);
         Ok(metrics)
     }
+}
+
+/// Comparisons in any format `formats` reads (TRL's columns, messages,
+/// implicit prompts, HH-RLHF, rankings) as the labeled columns, with no
+/// gold scores and no flip; the prompt must be a single user turn, as the
+/// labeled ones are.
+fn extra_comparisons(
+    df: &DataFrame,
+    path: &std::path::Path,
+    format: Option<crate::data::formats::Format>,
+) -> Result<DataFrame, StageError> {
+    let rows = crate::data::formats::load_comparisons(df, path, format)?;
+    let mut prompt = Vec::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        match r.prompt.as_slice() {
+            [m] if m.role == "user" => prompt.push(m.content.clone()),
+            _ => {
+                return Err(StageError::Failed(format!(
+                    "{}: `extra`, row {i}: the prompt must be one user turn (labeled comparisons are single-turn)",
+                    path.display()
+                )))
+            }
+        }
+    }
+    let n = rows.len();
+    let category: Vec<String> = vec!["unknown".to_string(); n];
+    let gold: Vec<Option<f64>> = vec![None; n];
+    let flipped: Vec<Option<bool>> = vec![None; n];
+    let out = df!(
+        "prompt" => prompt,
+        "chosen" => rows.iter().map(|r| r.chosen.clone()).collect::<Vec<_>>(),
+        "rejected" => rows.iter().map(|r| r.rejected.clone()).collect::<Vec<_>>(),
+        "category" => category,
+        "chosen_gold" => gold.clone(),
+        "rejected_gold" => gold,
+        "label_flipped" => flipped,
+    )
+    .map_err(crate::data::DataError::from)?;
+    Ok(out)
 }
 
 #[derive(Default)]

@@ -65,6 +65,26 @@ pub fn copy_tokenizer(
     Ok(())
 }
 
+/// Raise a trained model folder's `max_position_embeddings` to the longest
+/// sequence the stage trained on (`max_len`), so `config.json` states the
+/// context the model was actually trained for (a pretrain of 64-token
+/// sequences finetuned on 128 says 128).
+pub fn record_context(out_dir: &Path, max_len: usize) -> Result<(), StageError> {
+    let path = out_dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(StageError::io(&path))?;
+    let mut config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))?;
+    let Some(field) = config.get_mut("max_position_embeddings") else {
+        return Ok(());
+    };
+    if field.as_u64().is_some_and(|n| n as usize >= max_len) {
+        return Ok(());
+    }
+    *field = serde_json::json!(max_len);
+    let text = serde_json::to_string_pretty(&config).expect("JSON serializes");
+    std::fs::write(&path, text).map_err(StageError::io(&path))
+}
+
 /// Reads a `chat_template` setting; "model", the default, reads as absent
 /// so writing the default out never changes a cache key.
 pub fn chat_template_setting<'de, D: serde::Deserializer<'de>>(

@@ -97,6 +97,7 @@ pub(super) fn run_reference_free(
         ctx.progress,
     )?;
     copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;
+    super::model_files::record_context(ctx.out_dir, max_len)?;
     metrics.insert("pairs".into(), pairs.len() as f64);
     Ok(metrics)
 }
@@ -114,7 +115,8 @@ pub(super) fn inputs(
 
 impl StageKind for OrpoSettings {
     const KIND: &'static str = "orpo";
-    const RECIPE_VERSION: u32 = 1;
+    // 2: config.json's max_position_embeddings is the trained max_len.
+    const RECIPE_VERSION: u32 = 2;
     const SUMMARY: &'static str = "SFT plus an odds-ratio preference penalty, no reference model";
 
     fn inputs(&self) -> Vec<Input> {

@@ -89,7 +89,8 @@ fn default_max_len() -> usize {
 
 impl StageKind for RewardSettings {
     const KIND: &'static str = "reward";
-    const RECIPE_VERSION: u32 = 5;
+    // 6: config.json's max_position_embeddings is the trained max_len.
+    const RECIPE_VERSION: u32 = 6;
     const SUMMARY: &'static str = "train a reward model on comparisons or rankings";
 
     fn inputs(&self) -> Vec<Input> {
@@ -146,6 +147,7 @@ impl StageKind for RewardSettings {
             ctx.progress,
         )?;
         copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;
+        super::model_files::record_context(ctx.out_dir, self.max_len)?;
         metrics.insert("pairs".into(), data.pairs.len() as f64);
         if let Some(n) = &self.normalize {
             ctx.progress.set_message("normalizing");

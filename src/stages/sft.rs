@@ -65,7 +65,8 @@ fn default_max_len() -> usize {
 
 impl StageKind for SftSettings {
     const KIND: &'static str = "sft";
-    const RECIPE_VERSION: u32 = 5;
+    // 6: config.json's max_position_embeddings is the trained max_len.
+    const RECIPE_VERSION: u32 = 6;
     const SUMMARY: &'static str = "finetune a model on demonstrations, loss on responses only";
 
     fn inputs(&self) -> Vec<Input> {
@@ -109,6 +110,7 @@ impl StageKind for SftSettings {
             ctx.progress,
         )?;
         copy_tokenizer(&tok, &tok_path, ctx.out_dir)?;
+        super::model_files::record_context(ctx.out_dir, self.max_len)?;
         metrics.insert("train_examples".into(), train_data.len() as f64);
         Ok(metrics)
     }

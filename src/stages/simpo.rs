@@ -69,7 +69,8 @@ fn default_gamma() -> f64 {
 
 impl StageKind for SimpoSettings {
     const KIND: &'static str = "simpo";
-    const RECIPE_VERSION: u32 = 1;
+    // 2: config.json's max_position_embeddings is the trained max_len.
+    const RECIPE_VERSION: u32 = 2;
     const SUMMARY: &'static str = "a length-averaged log-prob margin, no reference model";
 
     fn inputs(&self) -> Vec<Input> {
