@@ -4,7 +4,7 @@ EXPS ?= $(EXP)
 CARGO ?= cargo
 BIN := target/release/posttrain
 
-.PHONY: build run plan status dag list compare gc test bench fmt lint clean models
+.PHONY: build run plan status dag list compare gc gc-now verify test campaign fuzz bench fmt lint clean models
 
 build:
 	$(CARGO) build --release
@@ -26,11 +26,30 @@ list: build
 compare: build
 	$(BIN) compare $(EXPS)
 
+# `make gc` only says what gc would remove; `make gc-now` removes it.
 gc: build
+	$(BIN) gc --dry-run
+	@echo "nothing removed: \`make gc-now\` (posttrain gc) removes the entries listed above"
+
+gc-now: build
 	$(BIN) gc
+
+verify: build
+	$(BIN) verify
 
 test:
 	$(CARGO) test --release
+
+# The reliability campaign at full size: SIGKILLs at random points of runs
+# and of gc (CAMPAIGN_KILLS each), gc racing runs; see tests/campaign.rs.
+CAMPAIGN_KILLS ?= 200
+campaign:
+	CAMPAIGN_KILLS=$(CAMPAIGN_KILLS) $(CARGO) test --release --test campaign -- --nocapture --test-threads 1
+
+# The experiment parser's mutation fuzz loop for FUZZ_SECS (default 600).
+FUZZ_SECS ?= 600
+fuzz:
+	FUZZ_SECS=$(FUZZ_SECS) $(CARGO) test --release --test fuzz_experiment -- --nocapture
 
 bench:
 	$(CARGO) bench

@@ -12,6 +12,7 @@ pub mod chat;
 pub mod data;
 pub mod experiment;
 pub mod gguf;
+pub mod memory;
 pub mod model;
 pub mod plan;
 pub mod results;

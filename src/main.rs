@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use posttrain::experiment::{self, Experiment};
 use posttrain::runner::{self, Project, RunOptions, Status};
+use posttrain::store::lease::Lease;
 use posttrain::text::table;
 
 #[derive(Parser)]
@@ -89,11 +90,25 @@ enum Command {
     },
     /// List the experiments under experiments/ with their stages
     List,
-    /// Remove store entries that no experiment's last run uses
+    /// Remove store entries that no registered project's experiment files, last runs or live runs use
     Gc {
         /// Say what would be removed, remove nothing
         #[arg(long)]
         dry_run: bool,
+        /// Remove only entries published longer ago than this (90s, 30m, 12h, 7d)
+        #[arg(long, value_name = "DURATION")]
+        older_than: Option<String>,
+        /// Keep the entries of each experiment's last N finished runs (0 = only what the experiment files reference now)
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        last_runs: usize,
+        /// Drop a project root from the store's registry first (it is gone; repeatable)
+        #[arg(long, value_name = "ROOT")]
+        forget: Vec<PathBuf>,
+    },
+    /// Rehash store entries (blake3) against their manifests; move corrupt ones out and rebuild them
+    Verify {
+        /// Only this experiment's entries, rebuilt by running it; without it, every entry (not rebuilt)
+        experiment: Option<String>,
     },
     /// Compare the last runs of experiments in one table
     Compare {
@@ -198,19 +213,82 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", render_error(&err));
             ExitCode::from(1)
         }
     }
 }
 
+/// An error and its causes, each cause once: many messages already hold
+/// their cause's text, which `{:#}` would print a second time.
+fn render_error(err: &anyhow::Error) -> String {
+    let mut out = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+/// The store folder of a model stage, leased (so gc leaves it) until the
+/// returned lease drops; a stage that writes no model is refused by name,
+/// with the experiment's model stages.
+fn model_stage(
+    project: &Project,
+    exp: &Experiment,
+    stage: &str,
+    command: &str,
+) -> anyhow::Result<(PathBuf, Option<Lease>)> {
+    let models: Vec<&str> = exp
+        .stages
+        .iter()
+        .filter(|(_, s)| {
+            s.settings
+                .outputs()
+                .is_some_and(|o| o.iter().any(|f| f == "config.json"))
+        })
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if let Some(s) = exp.stages.get(stage) {
+        if !models.contains(&stage) {
+            anyhow::bail!(
+                "stage `{stage}` of `{}` is a {} stage, not a model: `{command}` needs a stage that writes a model\n  help: model stages of this experiment: {}",
+                exp.name,
+                s.settings.kind(),
+                if models.is_empty() { "none".to_string() } else { models.join(", ") }
+            );
+        }
+    }
+    let dir = runner::stage_output(project, exp, stage)?;
+    let key = dir.file_name().unwrap_or_default().to_string_lossy();
+    let keys = std::iter::once(key.into_owned()).collect();
+    let mut lease = Lease::take(&project.store, &exp.name, &project.root, &keys)
+        .context("cannot lease the model's store entry")?;
+    lease.remove_on_drop = true;
+    // gc may have removed it between the plan and the lease.
+    if !dir.join("config.json").is_file() {
+        anyhow::bail!(
+            "the store entry of `{stage}` was removed meanwhile (by gc?)\n  help: build it again: posttrain run {} --until {stage}",
+            exp.name
+        );
+    }
+    Ok((dir, Some(lease)))
+}
+
 /// A model folder given as a path or as EXPERIMENT:STAGE.
-fn model_dir(project: &Project, model: &str) -> anyhow::Result<PathBuf> {
+fn model_dir(
+    project: &Project,
+    model: &str,
+    command: &str,
+) -> anyhow::Result<(PathBuf, Option<Lease>)> {
     if Path::new(model).is_dir() {
-        Ok(PathBuf::from(model))
+        Ok((PathBuf::from(model), None))
     } else if let Some((exp, stage)) = model.split_once(':') {
         let exp = load(project, exp)?;
-        Ok(runner::stage_output(project, &exp, stage)?)
+        model_stage(project, &exp, stage, command)
     } else {
         anyhow::bail!("`{model}` is neither a model folder nor EXPERIMENT:STAGE");
     }
@@ -224,6 +302,7 @@ fn load(project: &Project, name: &str) -> Result<Experiment> {
 fn run(cli: Cli) -> Result<ExitCode> {
     let cwd = std::env::current_dir().context("cannot read the current folder")?;
     let project = Project::discover(&cwd, cli.store.clone());
+    project.store.check_usable().map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Run {
             experiment,
@@ -426,29 +505,89 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
-        Command::Gc { dry_run } => {
-            let records = posttrain::results::record::all_records(&project.results_dir());
-            let keep = records
-                .iter()
-                .flat_map(|r| r.stages.values().map(|s| s.identity.key.clone()))
-                .collect();
-            let report = project.store.gc(&keep, dry_run).context("gc failed")?;
+        Command::Gc {
+            dry_run,
+            older_than,
+            last_runs,
+            forget,
+        } => {
+            use posttrain::store::keep;
+            let older_than = older_than
+                .map(|d| keep::parse_duration(&d))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--older-than {e}"))?;
+            let options = keep::GcOptions {
+                dry_run,
+                older_than,
+                last_runs,
+                forget,
+            };
+            let out = keep::gc(&project.store, &project.root, &options).context("gc failed")?;
+            let report = &out.report;
             let verb = if dry_run { "would remove" } else { "removed" };
+            for note in &out.notes {
+                eprintln!("note: {note}");
+            }
             for key in &report.entries {
                 println!("{verb} {key}");
             }
             for tmp in &report.temporary {
                 println!("{verb} .tmp/{tmp}");
             }
+            if report.young > 0 {
+                println!(
+                    "kept {} unused entries published within --older-than",
+                    report.young
+                );
+            }
             println!(
-                "{verb} {} entries, {} unfinished builds and {:.1} MB of caches ({:.1} MB in all); kept {} entries used by {} experiments",
+                "{verb} {} entries, {} unfinished builds and {:.1} MB of caches ({:.1} MB in all); kept {} entries used by {} experiments of {} projects and {} live runs",
                 report.entries.len(),
                 report.temporary.len(),
                 report.cache_bytes as f64 / 1e6,
                 report.bytes as f64 / 1e6,
-                keep.len(),
-                records.len()
+                out.kept,
+                out.experiments,
+                out.projects,
+                out.live_runs
             );
+        }
+        Command::Verify { experiment } => {
+            use posttrain::store::verify;
+            let exp = experiment.map(|e| load(&project, &e)).transpose()?;
+            let keys = match &exp {
+                Some(exp) => runner::plan(&project, exp)?
+                    .stages
+                    .iter()
+                    .map(|s| s.key().to_string())
+                    .collect(),
+                None => project.store.keys().context("cannot list the store")?,
+            };
+            let report = verify::verify(&project.store, &keys, true).context("verify failed")?;
+            for (key, problem) in &report.corrupt {
+                println!("corrupt {key}: {problem}; moved out of the store");
+            }
+            for key in &report.busy {
+                println!("busy {key}: another run is building it; not checked");
+            }
+            println!(
+                "verified {} entries ({:.1} MB): {} corrupt",
+                report.checked,
+                report.bytes as f64 / 1e6,
+                report.corrupt.len()
+            );
+            if let Some(exp) = &exp {
+                if !report.corrupt.is_empty() {
+                    let options = RunOptions {
+                        quiet: cli.quiet,
+                        ..RunOptions::default()
+                    };
+                    let run = runner::run(&project, exp, &options)?;
+                    print_run_report(&run, false);
+                }
+            } else if !report.corrupt.is_empty() {
+                println!("rebuild them by running the experiments that use them (`posttrain verify EXPERIMENT` does both)");
+            }
         }
         Command::Compare {
             experiments,
@@ -563,42 +702,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             chat_template,
             jsonl,
         } => {
-            let exp = load(&project, &experiment)?;
-            if let Some(s) = exp.stages.get(&stage) {
-                let kind = s.settings.kind();
-                let is_model = experiment::references::produces(kind)
-                    .is_some_and(|p| p.contains(&experiment::references::Product::Model));
-                if !is_model {
-                    let models: Vec<&str> = exp
-                        .stages
-                        .iter()
-                        .filter(|(_, s)| {
-                            experiment::references::produces(s.settings.kind()).is_some_and(|p| {
-                                p.contains(&experiment::references::Product::Model)
-                            })
-                        })
-                        .map(|(n, _)| n.as_str())
-                        .collect();
-                    anyhow::bail!(
-                        "stage `{stage}` is a `{kind}` stage, not a model\n  help: model stages of `{}`: {}",
-                        exp.name,
-                        models.join(", ")
-                    );
-                }
-            }
-            let dir = runner::stage_output(&project, &exp, &stage)?;
-            let choice = posttrain::chat::TemplateChoice::parse(
-                Some(&chat_template),
-                &std::env::current_dir().context("no current directory")?,
-            )
-            .map_err(anyhow::Error::msg)?;
-            let model = posttrain::model::chat::ChatModel::load(&dir, &choice)?;
             let settings = posttrain::model::generate::SampleSettings {
                 temperature,
                 top_k,
                 top_p,
                 max_new_tokens,
             };
+            settings.check().map_err(|e| {
+                anyhow::anyhow!("sample: {e}\n  help: --temperature, --top-p and --max-new-tokens follow the rules of a stage's `sampling` table")
+            })?;
+            let exp = load(&project, &experiment)?;
+            let (dir, _lease) = model_stage(&project, &exp, &stage, "sample")?;
+            let choice = posttrain::chat::TemplateChoice::parse(
+                Some(&chat_template),
+                &std::env::current_dir().context("no current directory")?,
+            )
+            .map_err(anyhow::Error::msg)?;
+            let model = posttrain::model::chat::ChatModel::load(&dir, &choice)?;
             if jsonl {
                 // One JSON object in, one out, in order: {"prompt": ...} ->
                 // {"prompt", "answer", "finished"}; a bad line is an error
@@ -645,7 +765,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Export { model, out, kind } => {
-            let dir = model_dir(&project, &model)?;
+            let (dir, _lease) = model_dir(&project, &model, "export")?;
             let Some(kind) = posttrain::model::gguf_checkpoint::ExportType::parse(&kind) else {
                 anyhow::bail!("--type `{kind}`: use f32, f16 or q8_0");
             };
@@ -661,7 +781,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ids,
             perplexity,
         } => {
-            let dir = model_dir(&project, &model)?;
+            let (dir, _lease) = model_dir(&project, &model, "score")?;
             let scorer = posttrain::model::score::Scorer::load(&dir)?;
             if let Some(file) = perplexity {
                 let docs: Vec<String> = if file.extension().is_some_and(|e| e == "parquet") {
@@ -678,6 +798,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let (mut nll, mut n) = (0.0f64, 0usize);
                 for doc in &docs {
                     let lp = scorer.logprobs(&scorer.encode(doc)?);
+                    finite_logprobs(&lp, &dir)?;
                     nll -= lp.iter().map(|x| *x as f64).sum::<f64>();
                     n += lp.len();
                 }
@@ -688,6 +809,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             } else {
                 let ids = match text {
+                    Some(t) if t.trim().is_empty() => {
+                        anyhow::bail!("--text is empty: there is nothing to score\n  help: give the text to score, e.g. --text \"The capital of Oria is\"")
+                    }
                     Some(t) => scorer.encode(&t)?,
                     None if !ids.is_empty() => ids,
                     None => anyhow::bail!("give --text, --ids or --perplexity"),
@@ -698,7 +822,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         scorer.vocab_size()
                     );
                 }
+                if ids.is_empty() {
+                    anyhow::bail!("the text gives no tokens: there is nothing to score");
+                }
                 let lp = scorer.logprobs(&ids);
+                finite_logprobs(&lp, &dir)?;
                 let logprobs: Vec<Option<f32>> = std::iter::once(None)
                     .chain(lp.into_iter().map(Some))
                     .collect();
@@ -744,6 +872,20 @@ fn terminal_width() -> Option<usize> {
         }
     }
     None
+}
+
+/// Refuse NaN or infinite log-probabilities: the model's weights are not
+/// finite, and `null`s in the output would hide it.
+fn finite_logprobs(lp: &[f32], dir: &Path) -> Result<()> {
+    if let Some(i) = lp.iter().position(|x| !x.is_finite()) {
+        anyhow::bail!(
+            "the model in {} gives a non-finite log-probability ({}) at token {}: its weights hold NaN or infinite values\n  help: rebuild or re-download the model; `posttrain verify` checks store entries against their manifests",
+            dir.display(),
+            lp[i],
+            i + 1
+        );
+    }
+    Ok(())
 }
 
 /// Polars' table printing: every column, no shape line, no dtype row,

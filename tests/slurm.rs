@@ -335,3 +335,116 @@ fn no_sbatch_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn detach_then_status_then_cancel() {
+    let Some(_node) = cluster() else {
+        return;
+    };
+    let p = TestProject::new();
+    p.write("experiments/d.toml", &experiment(3, 48, 200000));
+    let out = p
+        .command(&[
+            "run",
+            "d",
+            "--executor",
+            "slurm",
+            "--detach",
+            "--until",
+            "base",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("Submitted").count(), 3, "{stderr}");
+    // status: every stale stage shows its job.
+    let started = Instant::now();
+    loop {
+        let plan = p.plan_json("d");
+        let base = plan.iter().find(|s| s["name"] == "base").unwrap();
+        assert!(base["job"]["id"].is_string(), "{base}");
+        if base["job"]["state"] == "RUNNING" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "base never ran: {base}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let table = p.ok(&["status", "d"]);
+    assert!(table.contains("running (job "), "{table}");
+    let out = p.ok(&["cancel", "d"]);
+    assert!(out.contains("cancelled base (job "), "{out}");
+    let plan = p.plan_json("d");
+    let base = plan.iter().find(|s| s["name"] == "base").unwrap();
+    assert_eq!(base["status"], "stale");
+    assert!(base["job"].is_null(), "the claim is released: {base}");
+    assert!(p.ok(&["cancel", "d"]).contains("no queued or running job"));
+}
+
+#[test]
+fn ctrl_c_cancels_the_jobs_this_run_submitted() {
+    let Some(_node) = cluster() else {
+        return;
+    };
+    let p = TestProject::new();
+    p.write("experiments/i.toml", &experiment(3, 48, 200000));
+    let child = p
+        .command(&["run", "i", "--executor", "slurm", "--until", "base"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until base runs, then interrupt the waiting run as Ctrl-C does.
+    let started = Instant::now();
+    loop {
+        let plan = p.plan_json("i");
+        let base = plan.iter().find(|s| s["name"] == "base").unwrap();
+        if base["job"]["state"] == "RUNNING" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "base never ran: {base}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let base_job = p
+        .plan_json("i")
+        .into_iter()
+        .find(|s| s["name"] == "base")
+        .unwrap()["job"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("interrupted: cancelled 1 job(s)"),
+        "{stderr}"
+    );
+    // COMPLETING while the step is being killed, then CANCELLED.
+    let started = Instant::now();
+    loop {
+        let state = Command::new("squeue")
+            .args(["-h", "-t", "all", "-o", "%T", "-j", &base_job])
+            .output()
+            .unwrap();
+        let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+        if state.starts_with("CANCELLED") {
+            break;
+        }
+        assert!(
+            state == "COMPLETING" && started.elapsed() < Duration::from_secs(30),
+            "job {base_job}: {state}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

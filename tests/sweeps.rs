@@ -193,3 +193,39 @@ fn a_nested_field_and_one_combination_by_name() {
     );
     assert!(names.contains(&"dpo@loss=ipo,train.steps=2"), "{names:?}");
 }
+
+#[test]
+fn jobs_builds_independent_stages_at_once_and_stops_after_a_failure() {
+    let p = TestProject::new();
+    let slow = r#"matrix = { beta = [0.1, 0.5] }"#;
+    p.write(
+        "experiments/par.toml",
+        &experiment(slow, r#"["base", "dpo"]"#).replace(
+            "train = { steps = 3, batch_size = 4, warmup_steps = 1, eval_every = 0 }",
+            "train = { steps = 1500, batch_size = 4, warmup_steps = 1, eval_every = 0 }",
+        ),
+    );
+    p.ok(&["run", "par", "--jobs", "2", "--until", "base", "--quiet"]);
+    p.ok(&["run", "par", "--jobs", "2", "--quiet"]);
+    let record = posttrain::results::record::RunRecord::read(&p.path("results/par")).unwrap();
+    let store = posttrain::store::Store::new(p.path("results/store"));
+    let times = |stage: &str| {
+        let m = store.manifest(&record.stages[stage].identity.key).unwrap();
+        (m.started, m.finished)
+    };
+    let ((s1, f1), (s2, f2)) = (times("dpo@beta=0.1"), times("dpo@beta=0.5"));
+    assert!(s1 < f2 && s2 < f1, "no overlap: {s1}..{f1} and {s2}..{f2}");
+
+    // A stage that fails: the run fails naming it; eval never starts.
+    p.write(
+        "experiments/fail.toml",
+        &experiment(slow, r#"["base", "dpo"]"#).replace("max_len = 48", "max_len = 4"),
+    );
+    let err = p.fails(&["run", "fail", "--jobs", "2"]);
+    assert!(err.contains("stage `dpo@beta="), "{err}");
+    assert!(!err.contains("Running eval"), "{err}");
+    assert_eq!(
+        p.run(&["run", "fail", "--jobs", "0"]).status.code(),
+        Some(1)
+    );
+}

@@ -405,6 +405,19 @@ pub fn load_comparisons(
                     .collect(),
                 Err(_) => vec![None; prompts.len()],
             };
+            // A NaN or inf margin would surface as "training diverged".
+            if let Some(row) = margins
+                .iter()
+                .position(|m| m.is_some_and(|m| !m.is_finite()))
+            {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "column `margin` is {} in row {row}: margins must be finite numbers",
+                        margins[row].unwrap_or_default()
+                    ),
+                ));
+            }
             prompts
                 .into_iter()
                 .zip(chosen)

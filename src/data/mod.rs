@@ -29,7 +29,7 @@ pub enum DataError {
     },
     #[error("{}: not a readable Parquet file: {message}", path.display())]
     NotParquet { path: PathBuf, message: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Polars(#[from] PolarsError),
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },

@@ -117,6 +117,11 @@ impl DataSource {
                         ))
                     }
                 }
+                if source.max_rows == Some(0) {
+                    return Err(de::Error::custom(
+                        "`max_rows` must be at least 1 (leave it out to read every row)",
+                    ));
+                }
                 if !(0.0..=1.0).contains(&source.test_fraction) {
                     return Err(de::Error::custom(format!(
                         "`test_fraction` must be between 0 and 1, got {}",

@@ -6,6 +6,7 @@
 pub mod defaults;
 pub mod error;
 pub mod matrix;
+pub mod names;
 pub mod references;
 pub mod resources;
 pub mod source;
@@ -117,12 +118,28 @@ pub fn available(root: &Path) -> Vec<String> {
 pub fn load(path: &Path, root: &Path) -> Result<Experiment, ExperimentError> {
     let raw = source::read(path)?;
     let header = Header::from_raw(&raw.header, path)?;
+    if raw.stages.is_empty() {
+        return Err(ExperimentError::new(
+            ErrorKind::MissingField,
+            Some(Location {
+                file: path.to_path_buf(),
+                line: 1,
+                col: 1,
+            }),
+            format!("experiment `{}` has no stages", header.name),
+        )
+        .with_help("add one, e.g. [stages.world] with kind = \"synth\"; `posttrain list` shows the experiments there are"));
+    }
 
     let (mut raw_stages, groups) = matrix::expand(&raw.stages, |name, stage| {
         resolve_stage(name, stage, header.seed)
     })?;
     let mut stages = BTreeMap::new();
     for (name, raw_stage) in &raw_stages {
+        names::check_stage(name).map_err(|m| {
+            ExperimentError::new(ErrorKind::InvalidValue, Some(raw_stage.header.clone()), m)
+                .with_help(names::RULE)
+        })?;
         let stage = resolve_stage(name, raw_stage, header.seed)?;
         stages.insert(name.clone(), stage);
     }
@@ -136,6 +153,20 @@ pub fn load(path: &Path, root: &Path) -> Result<Experiment, ExperimentError> {
         .collect();
     for stage in stages.values_mut() {
         defaults::resolve(&mut stage.settings, &|n| kinds.get(n).copied());
+    }
+    for (name, stage) in &stages {
+        crate::memory::check(stage, &stages).map_err(|(field, message)| {
+            let fields = &raw_stages[name].fields;
+            let at = fields
+                .get(&field)
+                .map(|f| f.value_at.clone())
+                .unwrap_or_else(|| raw_stages[name].header.clone());
+            ExperimentError::new(
+                ErrorKind::InvalidValue,
+                Some(at),
+                format!("stage `{name}`: `{field}` {message}"),
+            )
+        })?;
     }
     check_references(&stages, &raw_stages)?;
     check_datasets(&stages, &raw_stages, root)?;
@@ -185,8 +216,25 @@ impl Header {
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or("experiment");
+        let name = string("name")?.unwrap_or_else(|| stem.to_string());
+        names::check("experiment", &name).map_err(|m| {
+            let at = fields.get("name").map_or(
+                Location {
+                    file: path.to_path_buf(),
+                    line: 1,
+                    col: 1,
+                },
+                |f| f.value_at.clone(),
+            );
+            let m = if fields.contains_key("name") {
+                m
+            } else {
+                format!("{m} (taken from the file name; set `[experiment] name`)")
+            };
+            ExperimentError::new(ErrorKind::InvalidValue, Some(at), m).with_help(names::RULE)
+        })?;
         Ok(Header {
-            name: string("name")?.unwrap_or_else(|| stem.to_string()),
+            name,
             description: string("description")?.unwrap_or_default(),
             seed,
         })

@@ -12,7 +12,7 @@ use dfdx::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
 use super::config::LlamaConfig;
-use super::params::{expected_shapes, is_vector, LlamaParams};
+use super::params::{expected_shapes, is_vector, LlamaParams, Matrix};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -52,30 +52,81 @@ pub fn save<D: Device<f32>>(
     let json = serde_json::to_string_pretty(&params.config.to_json()).expect("config serializes");
     std::fs::write(&config_path, json + "\n").map_err(io(&config_path))?;
 
-    let named = params.named();
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = named
-        .iter()
+    let tensors: Vec<NamedTensor<D>> = params
+        .named()
+        .into_iter()
         .map(|(name, t)| {
             let (r, c) = *t.shape();
-            let shape = if is_vector(name) { vec![c] } else { vec![r, c] };
-            let bytes = t.as_vec().iter().flat_map(|x| x.to_le_bytes()).collect();
-            (name.clone(), shape, bytes)
+            let shape = if is_vector(&name) {
+                vec![c]
+            } else {
+                vec![r, c]
+            };
+            (name, shape, t)
         })
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+    let weights = dir.join(WEIGHTS_FILE);
+    let bytes = f32_safetensors(&weights, &tensors)?;
+    std::fs::write(&weights, bytes).map_err(io(&weights))
+}
+
+/// An f32 matrix to write: its name and the shape it is saved with.
+pub type NamedTensor<'a, D> = (String, Vec<usize>, &'a Matrix<f32, D>);
+
+/// Named f32 matrices as the bytes of a safetensors file (`path` only
+/// names it in errors).
+pub fn f32_safetensors<D: Device<f32>>(
+    path: &Path,
+    tensors: &[NamedTensor<D>],
+) -> Result<Vec<u8>, CheckpointError> {
+    let data: Vec<Vec<u8>> = tensors
         .iter()
-        .map(|(n, s, b)| {
-            let view = safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+        .map(|(_, _, t)| t.as_vec().iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .zip(&data)
+        .map(|((n, shape, _), b)| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
                 .expect("sizes agree");
             (n.clone(), view)
         })
         .collect();
-    let weights = dir.join(WEIGHTS_FILE);
-    let bytes = safetensors::serialize(views, None).map_err(|e| CheckpointError::Safetensors {
-        path: weights.clone(),
+    safetensors::serialize(views, None).map_err(|e| CheckpointError::Safetensors {
+        path: path.to_path_buf(),
         message: e.to_string(),
-    })?;
-    std::fs::write(&weights, bytes).map_err(io(&weights))
+    })
+}
+
+/// Tensor `name` of a safetensors file, which must be F32 with the shape
+/// of `like`, as a matrix on `like`'s device.
+pub fn f32_matrix<D: Device<f32>>(
+    st: &SafeTensors,
+    path: &Path,
+    name: &str,
+    like: &Matrix<f32, D>,
+) -> Result<Matrix<f32, D>, CheckpointError> {
+    let bad = |message: String| CheckpointError::Safetensors {
+        path: path.to_path_buf(),
+        message,
+    };
+    let view = st
+        .tensor(name)
+        .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
+    let (r, c) = *like.shape();
+    if view.dtype() != Dtype::F32 || view.shape() != [r, c] {
+        return Err(bad(format!(
+            "tensor `{name}` is {:?} {:?}, expected F32 [{r}, {c}]",
+            view.dtype(),
+            view.shape()
+        )));
+    }
+    let values: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok(like.device().tensor_from_vec(values, (r, c)))
 }
 
 /// Read the config of a model folder (either transformers layout) and
@@ -220,6 +271,16 @@ impl Imported {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.params.config
+    }
+
+    /// The first tensor holding a NaN or infinite value, and that value.
+    pub fn first_non_finite(&self) -> Option<(String, f32)> {
+        self.params.named().into_iter().find_map(|(name, t)| {
+            t.as_vec()
+                .into_iter()
+                .find(|v| !v.is_finite())
+                .map(|v| (name, v))
+        })
     }
 
     /// At least `vocab` embedding rows (see [`LlamaParams::grow_vocab`]).

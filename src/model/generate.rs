@@ -11,8 +11,10 @@ use super::{Dev, LlamaParams};
 use crate::data::rng::Rng;
 
 /// How to pick tokens (the `sampling` settings of stages and the CLI).
+/// Range-checked as it is read ([`SampleSettings::check`]), so a stage's
+/// table and the CLI's flags obey the same rules.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(try_from = "SampleFields")]
 pub struct SampleSettings {
     /// 0 picks the most likely token (greedy). Default 1.0.
     pub temperature: f64,
@@ -22,6 +24,66 @@ pub struct SampleSettings {
     pub top_p: f64,
     /// Default 48.
     pub max_new_tokens: usize,
+}
+
+/// The TOML table as written, before [`SampleSettings::check`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct SampleFields {
+    temperature: f64,
+    top_k: usize,
+    top_p: f64,
+    max_new_tokens: usize,
+}
+
+impl Default for SampleFields {
+    fn default() -> Self {
+        let d = SampleSettings::default();
+        SampleFields {
+            temperature: d.temperature,
+            top_k: d.top_k,
+            top_p: d.top_p,
+            max_new_tokens: d.max_new_tokens,
+        }
+    }
+}
+
+impl TryFrom<SampleFields> for SampleSettings {
+    type Error = String;
+    fn try_from(f: SampleFields) -> Result<Self, String> {
+        let s = SampleSettings {
+            temperature: f.temperature,
+            top_k: f.top_k,
+            top_p: f.top_p,
+            max_new_tokens: f.max_new_tokens,
+        };
+        s.check()?;
+        Ok(s)
+    }
+}
+
+impl SampleSettings {
+    /// `temperature` finite and >= 0 (0 = greedy), `top_p` in (0, 1],
+    /// `max_new_tokens` >= 1. A NaN temperature would otherwise pick the
+    /// least likely token every time, and a negative one turn greedy.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(format!(
+                "`temperature` must be a finite number >= 0 (0 = greedy), got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!(
+                "`top_p` must be in (0, 1] (1 = off), got {}",
+                self.top_p
+            ));
+        }
+        if self.max_new_tokens == 0 {
+            return Err("`max_new_tokens` must be at least 1".to_string());
+        }
+        Ok(())
+    }
 }
 
 impl Default for SampleSettings {

@@ -189,6 +189,29 @@ pub(crate) fn linear_bias<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
     }
 }
 
+/// A layer's projection `target` (weight `w`, bias `b`) of x, plus its LoRA
+/// update (alpha / r) (x A^T) B^T when the layer has an adapter for it.
+fn project<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+    x: T3<E, D, T>,
+    layer: &Layer<E, D>,
+    target: &str,
+    w: &Matrix<E, D>,
+    b: Option<&Matrix<E, D>>,
+) -> T3<E, D, T> {
+    let adapter = layer
+        .lora
+        .as_ref()
+        .and_then(|l| l.adapters.get(target).map(|ab| (l.scale, ab)));
+    match adapter {
+        None => linear_bias(x, w, b),
+        Some((scale, (a, bm))) => {
+            let y = linear_bias(x.retaped::<T>(), w, b);
+            let low = linear(linear(x, a), bm);
+            y + low * E::from(scale as f32)
+        }
+    }
+}
+
 /// Qwen3's RMSNorm over each head of q or k (B, S, heads, hd), before RoPE.
 fn head_norm<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>(
     x: Tensor<(usize, usize, usize, usize), E, D, T>,
@@ -227,11 +250,24 @@ pub(crate) fn project_qkv<
     let (b, s, _) = *x.shape();
     let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
     let eps = cfg.rms_norm_eps;
-    let q = linear_bias(x.retaped::<T>(), &layer.q_proj, layer.q_bias.as_ref())
-        .reshape_like(&(b, s, nh, hd));
-    let k = linear_bias(x.retaped::<T>(), &layer.k_proj, layer.k_bias.as_ref())
+    let q = project(
+        x.retaped::<T>(),
+        layer,
+        "q_proj",
+        &layer.q_proj,
+        layer.q_bias.as_ref(),
+    )
+    .reshape_like(&(b, s, nh, hd));
+    let k = project(
+        x.retaped::<T>(),
+        layer,
+        "k_proj",
+        &layer.k_proj,
+        layer.k_bias.as_ref(),
+    )
+    .reshape_like(&(b, s, nkv, hd));
+    let v = project(x, layer, "v_proj", &layer.v_proj, layer.v_bias.as_ref())
         .reshape_like(&(b, s, nkv, hd));
-    let v = linear_bias(x, &layer.v_proj, layer.v_bias.as_ref()).reshape_like(&(b, s, nkv, hd));
     let q = head_norm(q, layer.q_norm.as_ref(), eps);
     let k = head_norm(k, layer.k_norm.as_ref(), eps);
     (D::rope(q, c), D::rope(k, c), v)
@@ -273,7 +309,7 @@ pub(crate) fn attend<
         .reshape_like(&(b, nh, sq, hd))
         .permute::<_, Axes4<0, 2, 1, 3>>()
         .reshape_like(&(b, sq, nh * hd));
-    linear_bias(out, &layer.o_proj, layer.o_bias.as_ref())
+    project(out, layer, "o_proj", &layer.o_proj, layer.o_bias.as_ref())
 }
 
 fn attention<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T> + Merge<NoneTape>>(
@@ -289,10 +325,18 @@ pub(crate) fn mlp<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>
     x: T3<E, D, T>,
     layer: &Layer<E, D>,
 ) -> T3<E, D, T> {
-    let gate = linear_bias(x.retaped::<T>(), &layer.gate_proj, layer.gate_bias.as_ref());
-    let up = linear_bias(x, &layer.up_proj, layer.up_bias.as_ref());
-    linear_bias(
+    let gate = project(
+        x.retaped::<T>(),
+        layer,
+        "gate_proj",
+        &layer.gate_proj,
+        layer.gate_bias.as_ref(),
+    );
+    let up = project(x, layer, "up_proj", &layer.up_proj, layer.up_bias.as_ref());
+    project(
         D::swiglu(gate, up),
+        layer,
+        "down_proj",
         &layer.down_proj,
         layer.down_bias.as_ref(),
     )
@@ -503,8 +547,14 @@ mod tests {
         let tape: OwnedTape<f64, Cpu> = Default::default();
         let l = loss(&p, &b, tape);
         let grads = l.backward();
+        check_trainable(&p, &b, &grads);
+    }
+
+    /// Every trained parameter's gradient against central differences
+    /// (with LoRA: the adapters; else every parameter).
+    fn check_trainable(p: &P, b: &TokenBatch, grads: &Gradients<f64, Cpu>) {
         let h = 1e-6;
-        for (name, t) in p.named() {
+        for (name, t) in p.trainable() {
             let g = grads.get(t).as_vec();
             let n = g.len();
             // The largest gradient (never a vacuous check) and two fixed entries.
@@ -517,7 +567,7 @@ mod tests {
                 let mut minus = p.clone();
                 for (q, sign) in [(&mut plus, 1.0), (&mut minus, -1.0)] {
                     let target = q
-                        .named_mut()
+                        .trainable_mut()
                         .into_iter()
                         .find(|(m, _)| *m == name)
                         .unwrap()
@@ -526,7 +576,7 @@ mod tests {
                     v[k] += sign * h;
                     target.copy_from(&v);
                 }
-                let fd = (value(&plus, &b) - value(&minus, &b)) / (2.0 * h);
+                let fd = (value(&plus, b) - value(&minus, b)) / (2.0 * h);
                 let err = (fd - g[k]).abs() / (fd.abs() + g[k].abs()).max(1e-8);
                 assert!(
                     err < 1e-5 || (fd - g[k]).abs() < 1e-9,
@@ -535,6 +585,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn lora_gradients_match_finite_differences() {
+        // Every target on a model with biases, B away from zero.
+        let mut cfg = config(false);
+        cfg.attention_bias = true;
+        cfg.mlp_bias = true;
+        let mut p = model_of(&cfg);
+        let s = crate::model::lora::LoraSettings {
+            r: 2,
+            alpha: 3.0,
+            dropout: 0.0,
+            target: crate::model::lora::TARGETS.map(String::from).to_vec(),
+        };
+        p.attach_lora(&s, 4);
+        crate::model::lora::tests::perturb_b(&mut p);
+        let b = batch();
+        let tape: OwnedTape<f64, Cpu> = Default::default();
+        let grads = loss(&p, &b, tape).backward();
+        assert_eq!(p.trainable().len(), 2 * 7 * cfg.num_hidden_layers + 1);
+        check_trainable(&p, &b, &grads);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod generate;
 pub mod gguf_checkpoint;
 pub mod kernels;
 pub mod llama;
+pub mod lora;
 pub mod params;
 pub mod score;
 pub mod workers;

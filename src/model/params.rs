@@ -42,6 +42,8 @@ pub struct Layer<E: Dtype, D: Storage<E>> {
     /// (hidden, intermediate)
     pub down_proj: Matrix<E, D>,
     pub down_bias: Option<Matrix<E, D>>,
+    /// LoRA adapters of this layer's projections (see `model::lora`).
+    pub lora: Option<Box<super::lora::LayerLora<E, D>>>,
 }
 
 /// A Llama-family decoder with an LM head (unless tied) and an optional
@@ -176,6 +178,7 @@ impl<E: Dtype, D: Storage<E>> Layer<E, D> {
             up_bias: t[15].take(),
             down_proj,
             down_bias: t[17].take(),
+            lora: None,
         }
     }
 }

@@ -289,7 +289,7 @@ mod direct {
 }
 
 #[cfg(unix)]
-fn stat_times(meta: &std::fs::Metadata) -> (i128, i128, u64) {
+pub(crate) fn stat_times(meta: &std::fs::Metadata) -> (i128, i128, u64) {
     use std::os::unix::fs::MetadataExt;
     (
         meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
@@ -299,7 +299,7 @@ fn stat_times(meta: &std::fs::Metadata) -> (i128, i128, u64) {
 }
 
 #[cfg(not(unix))]
-fn stat_times(meta: &std::fs::Metadata) -> (i128, i128, u64) {
+pub(crate) fn stat_times(meta: &std::fs::Metadata) -> (i128, i128, u64) {
     let m = meta
         .modified()
         .ok()

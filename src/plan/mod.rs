@@ -7,6 +7,7 @@ pub mod dag;
 pub mod hash;
 pub mod key;
 pub mod reason;
+pub mod recheck;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

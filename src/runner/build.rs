@@ -10,7 +10,7 @@ use std::time::Instant;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use super::{store_err, Project, RunError};
-use crate::plan::StageIdentity;
+use crate::plan::{HashCache, StageIdentity};
 use crate::stages::{StageContext, StageSettings};
 use crate::store::{BuiltBy, Manifest};
 
@@ -89,9 +89,9 @@ pub fn build_stage(
         if let Some(m) = project.store.manifest(key) {
             return Ok(Built::Found(m));
         }
-        if project.store.entry_dir(key).exists() {
+        if let Some(problem) = project.store.problem(key) {
             console.warn(&format!(
-                "store entry {key} for `{name}` is incomplete or corrupt; rebuilding it"
+                "store entry {key} for `{name}` is incomplete or corrupt ({problem}); rebuilding it"
             ));
         }
     }
@@ -125,6 +125,14 @@ fn build_locked(
         bar.enable_steady_tick(std::time::Duration::from_millis(120));
         bar
     };
+    let dataset_changed = |cause| RunError::DatasetChanged {
+        stage: name.to_string(),
+        cause,
+    };
+    let mut hashes = HashCache::open(&project.store.state_dir());
+    let snapshot = crate::plan::recheck::before_run(&project.root, spec.identity, &mut hashes)
+        .map_err(dataset_changed)?;
+    let _ = hashes.save();
     let started = crate::time::unix_now();
     let clock = Instant::now();
     let resume_dir = project.store.resume_dir(key);
@@ -168,6 +176,7 @@ fn build_locked(
         metrics,
         outputs: Vec::new(),
     };
+    crate::plan::recheck::before_publish(&snapshot).map_err(dataset_changed)?;
     let published = manifest.clone();
     project
         .store

@@ -10,7 +10,9 @@
 //! partition = "gpu"
 //! account = "my-lab"
 //! qos = "normal"
-//! time = "02:00:00"       # default time limit (a stage's resources win)
+//! cpus = 1                # defaults for stages whose `resources` do not
+//! mem = "3G"              #   say (else the kind's defaults)
+//! time = "02:00:00"
 //! sbatch_args = ["--exclusive"]
 //! ```
 
@@ -72,6 +74,18 @@ impl ProjectConfig {
                     .unwrap_or_default()
             ),
         })?;
+        let defaults = crate::experiment::resources::ResourcesOverride {
+            cpus: config.slurm.cpus,
+            mem: config.slurm.mem.clone(),
+            time: config.slurm.time.clone(),
+            gpus: None,
+        };
+        if let Err((field, message)) = defaults.validate() {
+            return Err(ConfigError {
+                path,
+                message: format!("`{}` {message}", field.replace("resources.", "slurm.")),
+            });
+        }
         if config.run.jobs == Some(0) {
             return Err(ConfigError {
                 path,

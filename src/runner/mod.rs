@@ -130,8 +130,11 @@ pub enum RunError {
         context: String,
         cause: std::io::Error,
     },
+    #[error("stage `{stage}`: {cause}\n  help: nothing was stored for it; run again once the dataset stays put (posttrain plan shows the new key)")]
+    DatasetChanged { stage: String, cause: String },
+    // Not `#[from]`: a source field would print the cause a second time.
     #[error("cannot write results: {0}")]
-    Results(#[from] crate::data::DataError),
+    Results(crate::data::DataError),
     #[error(transparent)]
     Slurm(#[from] slurm::SlurmError),
     #[error("job {}: {message}", spec.display())]
@@ -148,6 +151,12 @@ fn data_problems(problems: &[DataProblem]) -> String {
         if problems.len() == 1 { "" } else { "s" },
         lines.join("\n")
     )
+}
+
+impl From<crate::data::DataError> for RunError {
+    fn from(e: crate::data::DataError) -> Self {
+        RunError::Results(e)
+    }
 }
 
 pub(crate) fn store_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
@@ -230,6 +239,23 @@ pub fn run(
         .collect();
 
     let console = Console::new(options.quiet);
+    // Before any entry is looked at: register the project and lease the
+    // plan's keys, so gc keeps them while this run lives (store::keep).
+    let guard = if options.dry_run {
+        None
+    } else {
+        let keys = plan.stages.iter().map(|s| s.key().to_string()).collect();
+        Some(
+            crate::store::keep::RunGuard::begin(
+                &project.store,
+                &project.root,
+                &exp.name,
+                &exp.path,
+                keys,
+            )
+            .map_err(store_err("cannot lease this run's entries"))?,
+        )
+    };
     let results_dir = experiment_dir(&project.root, &exp.name);
     let mut built = BTreeMap::new();
     let mut submitted = BTreeSet::new();
@@ -330,8 +356,21 @@ pub fn run(
         outcomes.push(outcome);
     }
 
-    if !options.dry_run && submitted.is_empty() {
-        write_results(project, exp, &plan, record_stages, &results_dir)?;
+    if let Some(guard) = guard {
+        let used = if submitted.is_empty() {
+            let used = record_stages
+                .values()
+                .map(|s| s.identity.key.clone())
+                .collect();
+            write_results(project, exp, &plan, record_stages, &results_dir)?;
+            used
+        } else {
+            // Detached: the jobs build the plan's keys after this exits.
+            plan.stages.iter().map(|s| s.key().to_string()).collect()
+        };
+        guard
+            .finished(&used)
+            .map_err(store_err("cannot record this run in the store"))?;
     }
     Ok(RunReport {
         experiment: exp.name.clone(),

@@ -30,7 +30,9 @@ pub struct SlurmConfig {
     pub partition: Option<String>,
     pub account: Option<String>,
     pub qos: Option<String>,
-    /// Default time limit for stages that set none (else the kind's).
+    /// Defaults for stages whose `resources` do not say (else the kind's).
+    pub cpus: Option<u32>,
+    pub mem: Option<String>,
     pub time: Option<String>,
     /// More `sbatch` arguments, given as they are (e.g. ["--exclusive"]).
     #[serde(default)]
@@ -366,6 +368,12 @@ impl SlurmRun<'_> {
             let _ = std::fs::create_dir_all(dir);
         }
         let mut r = crate::experiment::resources::Resources::default_for(planned.kind());
+        if let Some(c) = self.config.cpus {
+            r.cpus = c;
+        }
+        if let Some(m) = &self.config.mem {
+            r.mem = m.clone();
+        }
         if let Some(t) = &self.config.time {
             r.time = t.clone();
         }
@@ -454,9 +462,17 @@ impl SlurmRun<'_> {
         let mut delay = Duration::from_millis(250);
         let result: Result<(), RunError> = loop {
             if INTERRUPTED.load(Ordering::SeqCst) {
+                // Fresh states: a job that ended since the last poll stays.
+                let open: Vec<&str> = tracked
+                    .iter()
+                    .filter(|t| t.ours && !is_final(&t.state))
+                    .map(|t| t.job.as_str())
+                    .collect();
+                let now = job_states(&open);
                 let ours: Vec<&Tracked> = tracked
                     .iter()
                     .filter(|t| t.ours && !is_final(&t.state))
+                    .filter(|t| now.get(&t.job).is_none_or(|s| !is_final(s)))
                     .collect();
                 let ids: Vec<&str> = ours.iter().map(|t| t.job.as_str()).collect();
                 if !ids.is_empty() {

@@ -69,6 +69,18 @@ impl StageContext<'_> {
     ) -> Result<(polars::prelude::DataFrame, PathBuf), StageError> {
         let path = self.input_path(source)?;
         let df = source.load(&path, self.seed)?;
+        if df.height() == 0 {
+            let selected = source.split.is_some() || source.dialogue_filter || source.dedup;
+            return Err(StageError::Failed(format!(
+                "{}: the data set has no rows{}; a stage needs at least one",
+                path.display(),
+                if selected {
+                    " left after its selection (split, dialogue_filter, dedup)"
+                } else {
+                    ""
+                }
+            )));
+        }
         Ok((df, path))
     }
 

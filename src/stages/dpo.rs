@@ -69,6 +69,11 @@ pub struct DpoSettings {
     pub max_len: usize,
     #[serde(default)]
     pub train: TrainSettings,
+    /// LoRA adapters (PEFT's) trained instead of the whole model:
+    /// `lora = { r = 16, alpha = 32, target = ["q_proj", ...] }`. The
+    /// output is the merged model, with the adapter in `adapter/`. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::model::lora::LoraSettings>,
 }
 
 fn default_beta() -> f64 {
@@ -103,6 +108,9 @@ impl StageKind for DpoSettings {
 
     fn validate(&self) -> Result<(), (String, String)> {
         validate_chat_template(self.chat_template.as_deref())?;
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
+        }
         if !(self.beta > 0.0 && self.beta.is_finite()) {
             return Err((
                 "beta".into(),
@@ -169,7 +177,7 @@ impl StageKind for DpoSettings {
             (&refs.0, &refs.1),
             eval_arg,
             &cfg,
-            &self.train,
+            &self.train.with_lora(self.lora.as_ref(), ctx.seed),
             ctx.seed,
             ctx.out_dir,
             &ctx.checkpoints(),

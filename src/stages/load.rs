@@ -64,6 +64,12 @@ impl StageKind for LoadSettings {
         } else {
             read_folder(&src)?
         };
+        if let Some((tensor, value)) = params.first_non_finite() {
+            return Err(StageError::Failed(format!(
+                "{}: tensor `{tensor}` holds a non-finite weight ({value}); a model with NaN or infinite weights is not loaded (re-download or re-export it)",
+                src.display()
+            )));
+        }
         let out = ctx.out(TOKENIZER_FILE);
         let model_vocab = params.config().vocab_size;
         let (params, added) = if format.template.is_some() {

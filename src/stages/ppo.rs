@@ -104,6 +104,11 @@ pub struct PpoSettings {
     /// 2e-5, warm-up 5; fields not given keep these.
     #[serde(default = "default_train", deserialize_with = "train_over_default")]
     pub train: TrainSettings,
+    /// LoRA adapters (PEFT's) trained instead of the whole model:
+    /// `lora = { r = 16, alpha = 32, target = ["q_proj", ...] }`. The
+    /// output is the merged model, with the adapter in `adapter/`. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::model::lora::LoraSettings>,
 }
 
 fn default_kl_coef() -> f64 {
@@ -169,6 +174,9 @@ impl StageKind for PpoSettings {
 
     fn validate(&self) -> Result<(), (String, String)> {
         validate_chat_template(self.chat_template.as_deref())?;
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
+        }
         let positive = [
             ("kl_coef", self.kl_coef, true),
             ("horizon", self.horizon, false),
@@ -282,7 +290,7 @@ impl StageKind for PpoSettings {
             &prompts.ids,
             ptx.as_ref(),
             &cfg,
-            &self.train,
+            &self.train.with_lora(self.lora.as_ref(), ctx.seed),
             ctx.seed,
             ctx.out_dir,
             &ctx.checkpoints(),

@@ -59,6 +59,11 @@ pub struct RewardSettings {
     pub max_len: usize,
     #[serde(default)]
     pub train: TrainSettings,
+    /// LoRA adapters (PEFT's) trained instead of the whole model:
+    /// `lora = { r = 16, alpha = 32, target = ["q_proj", ...] }`. The
+    /// output is the merged model, with the adapter in `adapter/`. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::model::lora::LoraSettings>,
     /// Shift scores so that a policy's answers average 0. Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub normalize: Option<Normalization>,
@@ -103,6 +108,9 @@ impl StageKind for RewardSettings {
 
     fn validate(&self) -> Result<(), (String, String)> {
         validate_chat_template(self.chat_template.as_deref())?;
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
+        }
         if let Some(n) = &self.normalize {
             if n.sampling.max_new_tokens == 0 {
                 return Err((
@@ -132,7 +140,7 @@ impl StageKind for RewardSettings {
             &data,
             eval.as_ref(),
             pad_id(&tok),
-            &self.train,
+            &self.train.with_lora(self.lora.as_ref(), ctx.seed),
             ctx.seed,
             ctx.out_dir,
             &ctx.checkpoints(),

@@ -52,6 +52,11 @@ pub struct SftSettings {
     pub max_len: usize,
     #[serde(default)]
     pub train: TrainSettings,
+    /// LoRA adapters (PEFT's) trained instead of the whole model:
+    /// `lora = { r = 16, alpha = 32, target = ["q_proj", ...] }`. The
+    /// output is the merged model, with the adapter in `adapter/`. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::model::lora::LoraSettings>,
 }
 
 fn default_max_len() -> usize {
@@ -72,6 +77,9 @@ impl StageKind for SftSettings {
 
     fn validate(&self) -> Result<(), (String, String)> {
         validate_chat_template(self.chat_template.as_deref())?;
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
+        }
         validate_finetune(self.max_len, &self.train)
     }
 
@@ -95,7 +103,7 @@ impl StageKind for SftSettings {
                 eval: eval_data.as_ref(),
                 pad: pad_id(&tok),
             },
-            &self.train,
+            &self.train.with_lora(self.lora.as_ref(), ctx.seed),
             ctx.seed,
             ctx.out_dir,
             &ctx.checkpoints(),

@@ -46,3 +46,36 @@ pub fn try_lock_key(locks_dir: &Path, key: &str) -> io::Result<Option<KeyLock>> 
         Err(TryLockError::Error(e)) => Err(e),
     }
 }
+
+/// The store-wide gc lock (`.locks/gc.lock`): gc holds it exclusively for
+/// its whole scan and delete; a run holds it shared while it writes its
+/// lease. So a lease is either seen by gc, or written after gc finished,
+/// and a run checks each entry again after its lease is written.
+pub struct GcLock {
+    _file: File,
+}
+
+pub fn gc_lock(locks_dir: &Path, exclusive: bool) -> io::Result<GcLock> {
+    let file = lock_file(locks_dir, "gc")?;
+    if exclusive {
+        file.lock()?;
+    } else {
+        file.lock_shared()?;
+    }
+    Ok(GcLock { _file: file })
+}
+
+/// Whether another process holds an exclusive lock on `path` (a lease).
+/// `None` when the file is gone.
+pub fn is_locked(path: &Path) -> io::Result<Option<bool>> {
+    let file = match OpenOptions::new().read(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match file.try_lock_shared() {
+        Ok(()) => Ok(Some(false)),
+        Err(TryLockError::WouldBlock) => Ok(Some(true)),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
+}

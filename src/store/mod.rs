@@ -8,20 +8,32 @@
 //! <key>/manifest.json   complete entries only: written last, then the
 //! <key>/...             whole folder is renamed into place
 //! .tmp/<key>.<pid>.<n>/ entries being built (or left by a killed run)
+//! .trash/<key>.<pid>.<n>/ entries being deleted: moved here first, then removed
 //! .locks/<key>.lock     held while a key is built
 //! .resume/<key>/        resume snapshots of a training stage being built
 //! .claims/<key>.json    the cluster job building a key (see claim)
 //! .jobs/<key>/          what a cluster job builds (see runner::job)
+//! .locks/gc.lock        held by gc (exclusive) and by runs taking a lease (shared)
+//! .leases/<host>-<pid>-<id>.json  the keys a live (or killed) run uses (see lease)
+//! .roots/<id>.json      every project that uses this store (see registry)
 //! .state/hashes.json    dataset hash cache (see plan::hash)
 //! .cache/tokens/        tokenized datasets (see data::tokenize)
 //! ```
 //!
-//! An entry is complete exactly when `<key>/manifest.json` parses and names
-//! that key. Anything else at `<key>/` is corrupt: a warning and a miss.
+//! An entry is complete exactly when `<key>/manifest.json` parses, names
+//! that key, and every file it lists is there with its size (a stat per
+//! file, so a hit stays cheap; `posttrain verify` rehashes them). Anything
+//! else at `<key>/` is corrupt: a warning and a miss. Deleting is
+//! publishing in reverse: the entry is renamed out of place, then removed,
+//! so a killed gc never leaves half an entry at `<key>/`.
 
 pub mod claim;
+pub mod keep;
+pub mod lease;
 pub mod lock;
 pub mod manifest;
+pub mod registry;
+pub mod verify;
 
 use std::collections::BTreeSet;
 use std::io;
@@ -79,7 +91,7 @@ impl Store {
         self.dir.join(".resume").join(key)
     }
 
-    fn locks_dir(&self) -> PathBuf {
+    pub(crate) fn locks_dir(&self) -> PathBuf {
         self.dir.join(".locks")
     }
 
@@ -87,11 +99,83 @@ impl Store {
         self.dir.join(".tmp")
     }
 
+    fn trash_dir(&self) -> PathBuf {
+        self.dir.join(".trash")
+    }
+
+    /// Refuse a store path that exists but is not a folder (`--store FILE`),
+    /// before any lock or build folder is made inside it.
+    pub fn check_usable(&self) -> Result<(), String> {
+        match std::fs::metadata(&self.dir) {
+            Ok(m) if !m.is_dir() => Err(format!(
+                "the store `{}` is not a folder\n  help: give --store (or POSTTRAIN_STORE) a folder; it is created if missing",
+                self.dir.display()
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The manifest of a complete entry, `None` if absent or corrupt.
     pub fn manifest(&self, key: &str) -> Option<Manifest> {
-        let bytes = std::fs::read(self.entry_dir(key).join(MANIFEST)).ok()?;
-        let manifest: Manifest = serde_json::from_slice(&bytes).ok()?;
-        (manifest.identity.key == key).then_some(manifest)
+        self.checked_manifest(key).ok()
+    }
+
+    /// The manifest of `key`, or what is wrong with the entry: absent, an
+    /// unreadable manifest, or a listed file missing or of the wrong size.
+    pub fn checked_manifest(&self, key: &str) -> Result<Manifest, String> {
+        let dir = self.entry_dir(key);
+        let bytes = std::fs::read(dir.join(MANIFEST)).map_err(|e| format!("{MANIFEST}: {e}"))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{MANIFEST} does not parse: {e}"))?;
+        if manifest.identity.key != key {
+            return Err(format!(
+                "{MANIFEST} names key {}, not {key}",
+                manifest.identity.key
+            ));
+        }
+        for out in &manifest.outputs {
+            match std::fs::metadata(dir.join(&out.path)) {
+                Err(e) => return Err(format!("`{}` listed in its manifest: {e}", out.path)),
+                Ok(m) if m.len() != out.bytes => {
+                    return Err(format!(
+                        "`{}` has {} bytes, its manifest says {}",
+                        out.path,
+                        m.len(),
+                        out.bytes
+                    ))
+                }
+                Ok(_) => {}
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// What is wrong with the entry at `key`, `None` when there is no
+    /// folder at all (never built) or it is complete.
+    pub fn problem(&self, key: &str) -> Option<String> {
+        if !self.entry_dir(key).exists() {
+            return None;
+        }
+        self.checked_manifest(key).err()
+    }
+
+    /// Remove an entry: rename it into `.trash/` (one atomic step, after
+    /// which `<key>/` is gone), then delete it there.
+    pub fn unpublish(&self, key: &str) -> io::Result<()> {
+        let aside = self.move_to_trash(&self.entry_dir(key), key)?;
+        std::fs::remove_dir_all(aside)
+    }
+
+    fn move_to_trash(&self, path: &Path, key: &str) -> io::Result<PathBuf> {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::fs::create_dir_all(self.trash_dir())?;
+        let aside = self
+            .trash_dir()
+            .join(format!("{key}.{}.{n}", std::process::id()));
+        std::fs::rename(path, &aside)?;
+        sync_dir(&self.dir);
+        Ok(aside)
     }
 
     pub fn is_complete(&self, key: &str) -> bool {
@@ -136,11 +220,7 @@ impl Store {
         let target = self.entry_dir(&staging.key);
         let mut old = None;
         if target.exists() {
-            let aside = self
-                .tmp_dir()
-                .join(format!("{}.old.{}", staging.key, std::process::id()));
-            std::fs::rename(&target, &aside)?;
-            old = Some(aside);
+            old = Some(self.move_to_trash(&target, &staging.key)?);
         }
         std::fs::rename(&staging.dir, &target)?;
         staging.published = true;
@@ -151,7 +231,13 @@ impl Store {
         Ok(target)
     }
 
-    /// Keys of all complete entries.
+    /// Take the store-wide gc lock: exclusive for gc, shared for a run
+    /// writing its lease (so gc sees every lease written before it began).
+    pub fn gc_lock(&self, exclusive: bool) -> io::Result<lock::GcLock> {
+        lock::gc_lock(&self.locks_dir(), exclusive)
+    }
+
+    /// Names of all entry folders (complete or not; see [`Store::manifest`]).
     pub fn keys(&self) -> io::Result<BTreeSet<String>> {
         let mut keys = BTreeSet::new();
         let Ok(read) = std::fs::read_dir(&self.dir) else {
@@ -166,23 +252,55 @@ impl Store {
         Ok(keys)
     }
 
-    /// Remove entries not in `keep`, build folders no live run holds, and
-    /// the caches under `.cache/`.
-    pub fn gc(&self, keep: &BTreeSet<String>, dry_run: bool) -> io::Result<GcReport> {
+    /// Remove entries not in `keep` (and, with `older_than`, published
+    /// longer ago than that), build folders no live run holds, deletions a
+    /// killed gc left in `.trash/`, and the caches under `.cache/`. Call it
+    /// with [`Store::gc_lock`] held, so no run takes a lease meanwhile.
+    pub fn gc(
+        &self,
+        keep: &BTreeSet<String>,
+        older_than: Option<std::time::Duration>,
+        keep_caches: bool,
+        dry_run: bool,
+    ) -> io::Result<GcReport> {
         let mut report = GcReport::default();
         for key in self.keys()? {
             if keep.contains(&key) {
                 continue;
             }
+            let dir = self.entry_dir(&key);
+            if let Some(min_age) = older_than {
+                let published = std::fs::metadata(dir.join(MANIFEST))
+                    .or_else(|_| std::fs::metadata(&dir))
+                    .and_then(|m| m.modified())
+                    .ok();
+                let age = published.and_then(|t| t.elapsed().ok()).unwrap_or_default();
+                if age < min_age {
+                    report.young += 1;
+                    continue;
+                }
+            }
             let Some(_lock) = lock::try_lock_key(&self.locks_dir(), &key)? else {
                 continue;
             };
-            let dir = self.entry_dir(&key);
+            if !dir.exists() {
+                continue; // verify moved it out meanwhile
+            }
             report.bytes += dir_size(&dir);
             report.entries.push(key.clone());
             if !dry_run {
-                std::fs::remove_dir_all(&dir)?;
+                self.unpublish(&key)?;
                 let _ = std::fs::remove_file(self.locks_dir().join(format!("{key}.lock")));
+            }
+        }
+        if let Ok(read) = std::fs::read_dir(self.trash_dir()) {
+            for entry in read {
+                let path = entry?.path();
+                report.bytes += dir_size(&path);
+                report.trash += 1;
+                if !dry_run {
+                    remove_if_there(&path)?;
+                }
             }
         }
         if let Ok(read) = std::fs::read_dir(self.tmp_dir()) {
@@ -201,7 +319,7 @@ impl Store {
                 report.bytes += dir_size(&path);
                 report.temporary.push(name);
                 if !dry_run {
-                    std::fs::remove_dir_all(&path)?;
+                    remove_if_there(&path)?;
                 }
             }
         }
@@ -223,17 +341,20 @@ impl Store {
                 report.bytes += dir_size(&path);
                 report.temporary.push(format!(".resume/{key}"));
                 if !dry_run {
-                    std::fs::remove_dir_all(&path)?;
+                    remove_if_there(&path)?;
                 }
             }
         }
-        // Caches are only speed: gc empties them (they refill on demand).
+        // Caches are only speed: gc empties them (they refill on demand),
+        // unless a live run may be writing them (`keep_caches`).
         let cache = self.cache_dir();
-        if cache.exists() {
+        if cache.exists() && !keep_caches {
             report.cache_bytes = dir_size(&cache);
             report.bytes += report.cache_bytes;
             if !dry_run {
-                std::fs::remove_dir_all(&cache)?;
+                // A run starting now may be writing it: what is left is
+                // only speed, the next gc tries again.
+                let _ = std::fs::remove_dir_all(&cache);
             }
         }
         Ok(report)
@@ -243,6 +364,10 @@ impl Store {
 #[derive(Debug, Default)]
 pub struct GcReport {
     pub entries: Vec<String>,
+    /// Entries not kept but younger than `--older-than`, left alone.
+    pub young: usize,
+    /// Deletions a killed gc left in `.trash/`, finished now.
+    pub trash: usize,
     pub temporary: Vec<String>,
     /// Bytes of content-keyed caches (tokenized datasets) removed.
     pub cache_bytes: u64,
@@ -271,6 +396,15 @@ fn hash_outputs(dir: &Path) -> io::Result<Vec<OutputFile>> {
         });
     }
     Ok(outputs)
+}
+
+/// Remove a folder that a run may remove first (a build folder it just
+/// published, an old entry it moved aside and deleted itself).
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 fn sync_dir(dir: &Path) {

@@ -100,6 +100,11 @@ pub fn fit<D>(
 where
     D: workers::WorkerDevice,
 {
+    if let Some((lora, seed)) = &s.lora {
+        if !params.has_lora() {
+            params.attach_lora(lora, *seed);
+        }
+    }
     let mut opt = AdamW::new(params);
     progress.set_length(s.steps as u64);
     let mut start = 0;
@@ -202,14 +207,15 @@ where
     Ok(())
 }
 
-/// The gradient of `loss` for every parameter, in `named()` order.
+/// The gradient of `loss` for every trained parameter, in `trainable()`
+/// order (with LoRA: the adapters only).
 pub(crate) fn gradients<D: Device<f32>>(
     params: &LlamaParams<f32, D>,
     loss: Tensor<(), f32, D, OwnedTape<f32, D>>,
 ) -> Vec<Matrix<f32, D>> {
     let mut grads = loss.backward();
     params
-        .named()
+        .trainable()
         .iter()
         .map(|(_, t)| {
             // Parameters the loss does not reach get a zero gradient.
@@ -246,14 +252,24 @@ pub(crate) fn clipped_step<D: Device<f32>>(
     Ok(norm)
 }
 
-/// Save the final model into `out`, close the metrics log, and return the
+/// Where a LoRA stage keeps its adapter (PEFT's format) beside the merged model.
+pub const ADAPTER_DIR: &str = "adapter";
+
+/// Save the final model into `out` (merged, with its adapter in `adapter/`,
+/// when trained with LoRA), close the metrics log, and return the
 /// last value of every logged metric (the learning rate left out).
 pub fn finish<D: Device<f32>>(
     params: &LlamaParams<f32, D>,
     log: MetricsLog,
     out: &std::path::Path,
 ) -> Result<crate::stages::Metrics, TrainError> {
-    crate::model::checkpoint::save(params, out)?;
+    if params.has_lora() {
+        // Downstream stages read a full model; the adapter is kept beside it.
+        crate::model::checkpoint::save(&params.merged(), out)?;
+        params.save_adapter("", &out.join(ADAPTER_DIR))?;
+    } else {
+        crate::model::checkpoint::save(params, out)?;
+    }
     let mut metrics = log.finish()?;
     metrics.remove("lr");
     Ok(metrics)

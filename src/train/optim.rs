@@ -40,6 +40,10 @@ pub struct TrainSettings {
     /// Save a resume snapshot (the whole training state) every N steps;
     /// 0 = every ten minutes. Not in the key (see `train::resume`). Default 0.
     pub checkpoint_every: usize,
+    /// LoRA adapters to train instead of the whole model, with their seed:
+    /// set from the stage's `lora` field, never written in `train`.
+    #[serde(skip)]
+    pub lora: Option<(crate::model::lora::LoraSettings, u64)>,
 }
 
 impl Default for TrainSettings {
@@ -59,6 +63,7 @@ impl Default for TrainSettings {
             max_grad_norm: 1.0,
             eval_every: 50,
             checkpoint_every: 0,
+            lora: None,
         }
     }
 }
@@ -98,6 +103,18 @@ impl TrainSettings {
         Ok(())
     }
 
+    /// These settings with LoRA on (when `lora` is given), seeded by `seed`.
+    pub fn with_lora(
+        &self,
+        lora: Option<&crate::model::lora::LoraSettings>,
+        seed: u64,
+    ) -> TrainSettings {
+        TrainSettings {
+            lora: lora.map(|l| (l.clone(), seed)),
+            ..self.clone()
+        }
+    }
+
     /// Learning rate at optimizer step `step` (0-based).
     pub fn lr_at(&self, step: usize) -> f64 {
         if step < self.warmup_steps {
@@ -126,7 +143,7 @@ pub struct AdamW<D: Device<f32>> {
 impl<D: Device<f32>> AdamW<D> {
     pub fn new(params: &LlamaParams<f32, D>) -> Self {
         let zeros = |t: &Matrix<f32, D>| t.device().zeros_like(t.shape());
-        let named = params.named();
+        let named = params.trainable();
         AdamW {
             m: named.iter().map(|(_, t)| zeros(t)).collect(),
             v: named.iter().map(|(_, t)| zeros(t)).collect(),
@@ -134,7 +151,7 @@ impl<D: Device<f32>> AdamW<D> {
         }
     }
 
-    /// The first and second moments, in `params.named()` order.
+    /// The first and second moments, in `params.trainable()` order.
     #[allow(clippy::type_complexity)]
     pub fn moments(&self) -> (&[Matrix<f32, D>], &[Matrix<f32, D>]) {
         (&self.m, &self.v)
@@ -148,7 +165,7 @@ impl<D: Device<f32>> AdamW<D> {
         self.step = step;
     }
 
-    /// One update with gradients `grads` (same order as `params.named()`),
+    /// One update with gradients `grads` (same order as `params.trainable()`),
     /// already scaled by `clip_scale`.
     pub fn update(
         &mut self,
@@ -163,7 +180,7 @@ impl<D: Device<f32>> AdamW<D> {
         let (b1, b2) = (s.beta1, s.beta2);
         let bias1 = 1.0 / (1.0 - b1.powi(t));
         let bias2 = 1.0 / (1.0 - b2.powi(t));
-        for (i, ((name, p), g)) in params.named_mut().into_iter().zip(grads).enumerate() {
+        for (i, ((name, p), g)) in params.trainable_mut().into_iter().zip(grads).enumerate() {
             let g = g * clip_scale as f32;
             self.m[i] = self.m[i].clone() * b1 as f32 + g.clone() * (1.0 - b1) as f32;
             self.v[i] = self.v[i].clone() * b2 as f32 + g.square() * (1.0 - b2) as f32;

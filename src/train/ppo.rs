@@ -204,7 +204,16 @@ pub fn train(
 ) -> Result<Metrics, TrainError> {
     let dev = Dev::default();
     let mut policy = checkpoint::load(models.policy, &dev)?;
-    let reference = checkpoint::load(models.reference, &dev)?;
+    if let Some((lora, seed)) = &s.lora {
+        policy.attach_lora(lora, *seed);
+    }
+    // With LoRA and the policy's own start as the reference, the reference
+    // is the policy with its adapters off: the same tensors, no copy.
+    let reference = if policy.has_lora() && models.reference == models.policy {
+        policy.without_lora()
+    } else {
+        checkpoint::load(models.reference, &dev)?
+    };
     let reward = checkpoint::load(models.reward, &dev)?;
     let mut value = reward.clone();
     // The value model starts from the reward model's weights; its head is

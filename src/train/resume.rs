@@ -26,12 +26,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use dfdx::prelude::*;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::MetricsLog;
 use super::optim::{AdamW, TrainSettings};
 use super::TrainError;
+use crate::model::checkpoint::{f32_matrix, f32_safetensors, NamedTensor};
 use crate::model::params::Matrix;
 use crate::model::LlamaParams;
 
@@ -282,35 +283,20 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-fn bytes_of<D: Device<f32>>(t: &Matrix<f32, D>) -> Vec<u8> {
-    t.as_vec().iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 fn write_model<D: Device<f32>>(
     path: &Path,
     params: &LlamaParams<f32, D>,
     opt: &AdamW<D>,
 ) -> Result<(), TrainError> {
     let (m, v) = opt.moments();
-    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (i, (name, t)) in params.named().into_iter().enumerate() {
+    let mut tensors: Vec<NamedTensor<D>> = Vec::new();
+    for (i, (name, t)) in params.trainable().into_iter().enumerate() {
         let (r, c) = *t.shape();
-        data.push((format!("param/{name}"), vec![r, c], bytes_of(t)));
-        data.push((format!("m/{name}"), vec![r, c], bytes_of(&m[i])));
-        data.push((format!("v/{name}"), vec![r, c], bytes_of(&v[i])));
+        tensors.push((format!("param/{name}"), vec![r, c], t));
+        tensors.push((format!("m/{name}"), vec![r, c], &m[i]));
+        tensors.push((format!("v/{name}"), vec![r, c], &v[i]));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = data
-        .iter()
-        .map(|(n, s, b)| {
-            let view = safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
-                .expect("sizes agree");
-            (n.clone(), view)
-        })
-        .collect();
-    let bytes = safetensors::serialize(views, None).map_err(|e| TrainError::Resume {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let bytes = f32_safetensors(path, &tensors)?;
     write_synced(path, &bytes)
 }
 
@@ -326,29 +312,11 @@ fn read_model<D: Device<f32>>(
         message,
     };
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-    let get = |name: &str, like: &Matrix<f32, D>| -> Result<Matrix<f32, D>, TrainError> {
-        let view = st
-            .tensor(name)
-            .map_err(|_| bad(format!("tensor `{name}` is missing")))?;
-        let (r, c) = *like.shape();
-        if view.dtype() != Dtype::F32 || view.shape() != [r, c] {
-            return Err(bad(format!(
-                "tensor `{name}` is {:?} {:?}, expected F32 [{r}, {c}]",
-                view.dtype(),
-                view.shape()
-            )));
-        }
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        Ok(like.device().tensor_from_vec(values, (r, c)))
-    };
+    let get = |name: &str, like: &Matrix<f32, D>| f32_matrix(&st, path, name, like);
     let (mut m, mut v) = (Vec::new(), Vec::new());
     {
         let (m0, v0) = opt.moments();
-        for (i, (name, p)) in params.named_mut().into_iter().enumerate() {
+        for (i, (name, p)) in params.trainable_mut().into_iter().enumerate() {
             *p = get(&format!("param/{name}"), p)?;
             m.push(get(&format!("m/{name}"), &m0[i])?);
             v.push(get(&format!("v/{name}"), &v0[i])?);
