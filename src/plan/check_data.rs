@@ -142,7 +142,10 @@ fn check_file(
     }
     let schema = schema.expect("one file at least");
     if rows == 0 {
-        return Err(format!("{}: no rows", path.display()));
+        return Err(format!(
+            "{}: the data set has no rows; a stage needs at least one",
+            path.display()
+        ));
     }
     // An empty frame with the file's columns runs every column and type
     // check of the format readers without reading a row.
