@@ -1000,7 +1000,10 @@ fn print_run_report(report: &runner::RunReport, dry_run: bool) {
         }
         if !report.blocked.is_empty() {
             let names: Vec<&str> = report.blocked.keys().map(String::as_str).collect();
-            println!("not run: {} (blocked by their data)", names.join(", "));
+            println!(
+                "not built: {} (a problem with their data, or a failure upstream: see the errors)",
+                names.join(", ")
+            );
         }
         if ran > 0 {
             println!("results in {}", report.results_dir.display());

@@ -216,3 +216,35 @@ fn jobs_builds_independent_stages_at_once_and_stops_after_a_failure() {
         Some(1)
     );
 }
+
+#[test]
+fn keep_going_builds_what_does_not_read_a_failed_stage() {
+    let p = TestProject::new();
+    // dpo@beta=0.1 fails at run time (no pair fits in max_len 4); the other
+    // variant's max_len is fine, so it builds; eval reads both and does not.
+    p.write(
+        "experiments/kg.toml",
+        &experiment(r#"matrix = { max_len = [4, 48] }"#, r#"["base", "dpo"]"#),
+    );
+    let out = p.run(&["run", "kg", "--keep-going", "--jobs", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("stage `dpo@max_len=4` not built: failed:"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("stage `eval` not built: upstream stage `dpo@max_len=4` did not build"),
+        "{stderr}"
+    );
+    let statuses: std::collections::BTreeMap<String, String> =
+        p.statuses("kg").into_iter().collect();
+    assert_eq!(
+        statuses.get("dpo@max_len=48").map(String::as_str),
+        Some("ran"),
+        "{statuses:?}"
+    );
+    // Without --keep-going the failure stops the run as before.
+    let err = p.fails(&["run", "kg"]);
+    assert!(err.contains("stage `dpo@max_len=4` (dpo) failed"), "{err}");
+}

@@ -160,7 +160,9 @@ input = { stage = "bad", file = "data.parquet" }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stdout.contains("not run: after_bad, bad, empty (blocked by their data)"),
+        stdout.contains(
+            "not built: after_bad, bad, empty (a problem with their data, or a failure upstream"
+        ),
         "{stdout}"
     );
     assert!(

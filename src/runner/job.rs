@@ -31,6 +31,9 @@ pub struct JobSpec {
     /// The project root (datasets are relative to it; the job's cwd).
     pub root: PathBuf,
     pub force: bool,
+    /// The kind of every stage of the experiment, for the defaults that
+    /// depend on what another field names (`experiment::defaults`).
+    pub kinds: BTreeMap<String, String>,
 }
 
 /// The job folder of a key in a store.
@@ -91,9 +94,15 @@ pub fn build_job(spec_path: &Path, quiet: bool) -> Result<(), RunError> {
     };
     let table: toml::Table =
         toml::from_str(&spec.settings).map_err(|e| bad(format!("settings are not TOML: {e}")))?;
-    let settings = StageSettings::parse(&spec.identity.kind, toml::Value::Table(table))
+    let mut settings = StageSettings::parse(&spec.identity.kind, toml::Value::Table(table))
         .ok_or_else(|| bad(format!("unknown kind `{}`", spec.identity.kind)))?
         .map_err(|e| bad(format!("settings do not parse: {e}")))?;
+    // As the experiment's loading does, so the job runs what was planned.
+    let kind_of = |name: &str| -> Option<&'static str> {
+        let kind = spec.kinds.get(name)?;
+        crate::stages::KINDS.iter().copied().find(|k| k == kind)
+    };
+    crate::experiment::defaults::resolve(&mut settings, &kind_of);
     // The datasets must be what was planned.
     let mut hashes = HashCache::open(&project.store.state_dir());
     for d in &spec.identity.datasets {

@@ -1,7 +1,8 @@
 //! The local executor: stale stages built in this process, each as soon as
 //! the stages it reads are built, at most `jobs` at once (`--jobs N`).
-//! After a failure nothing new starts; what runs finishes, and the first
-//! error is returned.
+//! After a failure nothing new starts (what runs finishes) and the first
+//! error is returned; with `keep_going`, every stage that does not read a
+//! failed one still builds, and the failures come back with the builds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc;
@@ -11,6 +12,13 @@ use super::{Project, RunError};
 use crate::experiment::Experiment;
 use crate::plan::PlannedStage;
 
+/// What the builds did: the built stages, and (with `keep_going`) the
+/// failed ones with their errors, in the order they failed.
+pub struct Builds {
+    pub built: BTreeMap<String, Built>,
+    pub failed: Vec<(String, RunError)>,
+}
+
 /// Build `todo` (in plan order, upstream first); `force` names the stages
 /// to rebuild even if the store has them.
 pub fn execute(
@@ -19,8 +27,9 @@ pub fn execute(
     todo: &[&PlannedStage],
     force: &BTreeSet<String>,
     jobs: usize,
+    keep_going: bool,
     console: &Console,
-) -> Result<BTreeMap<String, Built>, RunError> {
+) -> Result<Builds, RunError> {
     let in_todo: BTreeSet<&str> = todo.iter().map(|p| p.name.as_str()).collect();
     let deps: BTreeMap<&str, BTreeSet<&str>> = todo
         .iter()
@@ -38,13 +47,13 @@ pub fn execute(
     let mut started: BTreeSet<&str> = BTreeSet::new();
     let mut done: BTreeSet<String> = BTreeSet::new();
     let mut built: BTreeMap<String, Built> = BTreeMap::new();
-    let mut error: Option<RunError> = None;
+    let mut failed: Vec<(String, RunError)> = Vec::new();
     let jobs = jobs.max(1);
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<(String, Result<Built, RunError>)>();
         let mut running = 0usize;
         loop {
-            while error.is_none() && running < jobs {
+            while (keep_going || failed.is_empty()) && running < jobs {
                 let Some(next) = todo.iter().find(|p| {
                     !started.contains(p.name.as_str())
                         && deps[p.name.as_str()].iter().all(|d| done.contains(*d))
@@ -80,15 +89,18 @@ pub fn execute(
                     built.insert(name, b);
                 }
                 Err(e) => {
-                    error.get_or_insert(e);
+                    if keep_going {
+                        console.status("Failed", &format!("{name}: {e}"));
+                    }
+                    failed.push((name, e));
                 }
             }
         }
     });
-    match error {
-        Some(e) => Err(e),
-        None => Ok(built),
+    if !keep_going && !failed.is_empty() {
+        return Err(failed.remove(0).1);
     }
+    Ok(Builds { built, failed })
 }
 
 /// Store entry of each stage `planned` reads, by stage name.

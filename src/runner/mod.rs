@@ -231,7 +231,7 @@ pub fn run(
     };
     let force: BTreeSet<String> = options.force.iter().cloned().collect();
     let stale = |p: &PlannedStage| force.contains(&p.name) || !p.cached;
-    let blocked = blocked_by_data(&plan, exp, &project.root, &selected, options.keep_going)?;
+    let mut blocked = blocked_by_data(&plan, exp, &project.root, &selected, options.keep_going)?;
     let todo: Vec<&PlannedStage> = plan
         .stages
         .iter()
@@ -272,7 +272,33 @@ pub fn run(
         }
         match &options.executor {
             Executor::Local { jobs } => {
-                built = local::execute(project, exp, &todo, &force, *jobs, &console)?;
+                let builds = local::execute(
+                    project,
+                    exp,
+                    &todo,
+                    &force,
+                    *jobs,
+                    options.keep_going,
+                    &console,
+                )?;
+                built = builds.built;
+                // --keep-going: a failed stage and what reads it are not
+                // built; the rest is, and the run still fails.
+                for (name, error) in builds.failed {
+                    blocked.insert(name, vec![format!("failed: {error}")]);
+                }
+                for p in &plan.stages {
+                    let ups: Vec<String> = p
+                        .identity
+                        .upstream
+                        .iter()
+                        .filter(|u| blocked.contains_key(&u.stage))
+                        .map(|u| format!("upstream stage `{}` did not build", u.stage))
+                        .collect();
+                    if !ups.is_empty() && !built.contains_key(&p.name) {
+                        blocked.entry(p.name.clone()).or_insert(ups);
+                    }
+                }
             }
             Executor::Slurm(config) => {
                 let run = slurm::SlurmRun {

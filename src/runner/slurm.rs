@@ -362,6 +362,12 @@ impl SlurmRun<'_> {
             identity: planned.identity.clone(),
             root: self.project.root.clone(),
             force: forced,
+            kinds: self
+                .exp
+                .stages
+                .iter()
+                .map(|(n, s)| (n.clone(), s.settings.kind().to_string()))
+                .collect(),
         };
         let script = job::write(store, &spec, exe)?;
         if let Some(dir) = pattern.parent() {
