@@ -37,11 +37,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ReportError + '_ {
     }
 }
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;\
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;\
 color:#222;padding:0 1em}table{border-collapse:collapse;margin:1em 0;font-size:0.9em}\
 th,td{border:1px solid #ccc;padding:0.25em 0.6em;text-align:left;vertical-align:top;\
 max-width:40em;overflow-wrap:anywhere}th{background:#f0f0f0}td.num{text-align:right;\
-font-variant-numeric:tabular-nums}.plot svg{max-width:100%;height:auto}";
+font-variant-numeric:tabular-nums;white-space:nowrap;overflow-wrap:normal}.plot svg{max-width:100%;height:auto}";
 
 /// Write `results_dir/report.html` for `experiment` and return its path.
 pub fn write_report(results_dir: &Path, experiment: &str) -> Result<PathBuf, ReportError> {
