@@ -26,7 +26,7 @@ pub fn write_plots(
     for (name, stage) in &record.stages {
         let metrics = stage.store_path.join("metrics.parquet");
         if metrics.exists() {
-            written.extend(training_curves(&metrics, name, &dir)?);
+            written.extend(training_curves(&metrics, name, &stage.metrics, &dir)?);
         }
     }
     if let Some(df) = eval {

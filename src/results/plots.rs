@@ -7,6 +7,7 @@
 //! ab_glyph, so a plot looks the same on every machine and needs no system
 //! fonts.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
@@ -121,6 +122,14 @@ fn padded(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     (lo - pad)..(hi + pad)
 }
 
+/// The y range grown at the top by a band for the legend (about one line
+/// per curve), so the legend in the upper right sits over no data.
+fn with_legend_room(range: std::ops::Range<f64>, curves: usize) -> std::ops::Range<f64> {
+    let band = 0.09 * (curves as f64 + 0.5);
+    let span = range.end - range.start;
+    range.start..(range.end + span * band / (1.0 - band).max(0.2))
+}
+
 // ---------------------------------------------------------------- training
 
 /// One metric column: its non-null (step, value) points.
@@ -167,7 +176,15 @@ fn as_f64(df: &DataFrame, name: &str) -> Result<Option<Vec<Option<f64>>>, Polars
     Ok(Some(col.cast(&DataType::Float64)?.f64()?.iter().collect()))
 }
 
-fn training_figure(df: &DataFrame, path: &Path, stage: &str) -> Result<TrainingFigure, DataError> {
+/// A stage's per-step metrics as panels; `start` holds final metrics, where
+/// `NAME_start` (a held-out value before the first step) puts curve NAME's
+/// first point at step 0.
+fn training_figure(
+    df: &DataFrame,
+    path: &Path,
+    stage: &str,
+    start: &BTreeMap<String, f64>,
+) -> Result<TrainingFigure, DataError> {
     let Ok(step) = df.column("step") else {
         return Err(missing_column(df, "step", path));
     };
@@ -184,12 +201,20 @@ fn training_figure(df: &DataFrame, path: &Path, stage: &str) -> Result<TrainingF
         let Some(values) = as_f64(df, name)? else {
             continue;
         };
-        let points: Vec<(f64, f64)> = steps
+        let mut points: Vec<(f64, f64)> = steps
             .iter()
             .zip(&values)
             .filter_map(|(s, v)| Some(((*s)?, (*v)?)))
             .filter(|(s, v)| s.is_finite() && v.is_finite())
             .collect();
+        if let Some(v) = start
+            .get(&format!("{name}_start"))
+            .filter(|v| v.is_finite())
+        {
+            if points.first().is_some_and(|p| p.0 > 0.0) {
+                points.insert(0, (0.0, *v));
+            }
+        }
         if points.is_empty() {
             continue;
         }
@@ -268,7 +293,10 @@ impl Figure for TrainingFigure {
                 .margin(10)
                 .x_label_area_size(35)
                 .y_label_area_size(55)
-                .build_cartesian_2d(padded(all().map(|p| p.0)), padded(all().map(|p| p.1)))?;
+                .build_cartesian_2d(
+                    padded(all().map(|p| p.0)),
+                    with_legend_room(padded(all().map(|p| p.1)), curves.len()),
+                )?;
             chart
                 .configure_mesh()
                 .x_desc("step")
@@ -307,6 +335,7 @@ impl Figure for TrainingFigure {
             }
             chart
                 .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
                 .label_font((FONT, 15))
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)
@@ -322,10 +351,11 @@ impl Figure for TrainingFigure {
 pub fn training_curves(
     metrics: &Path,
     stage: &str,
+    start: &BTreeMap<String, f64>,
     out_dir: &Path,
 ) -> Result<Vec<PathBuf>, PlotError> {
     let df = read_parquet_path(metrics)?;
-    let fig = training_figure(&df, metrics, stage)?;
+    let fig = training_figure(&df, metrics, stage, start)?;
     write_figure(&fig, out_dir, &format!("{stage}-training"))
 }
 
@@ -513,7 +543,7 @@ mod tests {
         let metrics = dir.path().join("metrics.parquet");
         write_parquet(&mut metrics_frame(), &metrics).unwrap();
         let out = dir.path().join("plots");
-        let files = training_curves(&metrics, "dpo", &out).unwrap();
+        let files = training_curves(&metrics, "dpo", &BTreeMap::new(), &out).unwrap();
         assert_eq!(
             files,
             vec![out.join("dpo-training.svg"), out.join("dpo-training.png")]
@@ -538,6 +568,36 @@ mod tests {
         }
         // 4 panels on 2 columns: 2 rows of 300 px plus the title.
         assert_eq!(png_size(&files[1]), (900, 640));
+    }
+
+    #[test]
+    fn eval_curves_start_at_step_0_and_the_legend_has_its_own_band() {
+        let df = df!(
+            "step" => [1i64, 2, 3, 4, 5, 6],
+            "loss" => [3.0, 2.9, 2.8, 2.7, 2.6, 2.5],
+            "eval_loss" => [None, None, Some(2.4), None, None, Some(2.2)],
+        )
+        .unwrap();
+        let start = BTreeMap::from([("eval_loss_start".to_string(), 2.5)]);
+        let fig = training_figure(&df, Path::new("m.parquet"), "sft", &start).unwrap();
+        let eval = fig
+            .panels
+            .iter()
+            .flat_map(|(_, c)| c)
+            .find(|c| c.name == "eval_loss")
+            .unwrap();
+        assert_eq!(eval.points[0], (0.0, 2.5), "{:?}", eval.points);
+        let plain = training_figure(&df, Path::new("m.parquet"), "sft", &BTreeMap::new()).unwrap();
+        let eval0 = plain
+            .panels
+            .iter()
+            .flat_map(|(_, c)| c)
+            .find(|c| c.name == "eval_loss")
+            .unwrap();
+        assert!(eval0.points[0].0 > 0.0);
+        // Two curves: the top 22.5% of the panel is above every value.
+        let r = with_legend_room(0.0..1.0, 2);
+        assert!((1.0 - 1.0 / r.end - 0.225).abs() < 1e-9, "{r:?}");
     }
 
     #[test]
@@ -567,7 +627,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let metrics = dir.path().join("metrics.parquet");
         write_parquet(&mut df!("loss" => [1.0, 0.5]).unwrap(), &metrics).unwrap();
-        let err = training_curves(&metrics, "sft", dir.path())
+        let err = training_curves(&metrics, "sft", &BTreeMap::new(), dir.path())
             .unwrap_err()
             .to_string();
         assert!(
@@ -585,7 +645,7 @@ mod tests {
             &metrics,
         )
         .unwrap();
-        let files = training_curves(&metrics, "load", dir.path()).unwrap();
+        let files = training_curves(&metrics, "load", &BTreeMap::new(), dir.path()).unwrap();
         assert_eq!(png_size(&files[1]), (900, 340));
     }
 
@@ -611,7 +671,7 @@ mod tests {
         .unwrap();
         let path = dir.path().join("metrics.parquet");
         crate::data::write_parquet(&mut metrics.clone(), &path).unwrap();
-        let files = training_curves(&path, "dpo", dir.path()).unwrap();
+        let files = training_curves(&path, "dpo", &BTreeMap::new(), dir.path()).unwrap();
         let svg = std::fs::read_to_string(&files[0]).unwrap();
         assert!(
             svg.contains("KL: kl_proxy"),
