@@ -118,23 +118,16 @@ pub fn build_job(spec_path: &Path, quiet: bool) -> Result<(), RunError> {
         }
     }
     let _ = hashes.save();
-    let upstream: BTreeMap<String, PathBuf> = spec
-        .identity
-        .upstream
-        .iter()
-        .map(|u| (u.stage.clone(), project.store.entry_dir(&u.key)))
-        .collect();
-    for (stage, dir) in &upstream {
-        if !project
-            .store
-            .is_complete(dir.file_name().and_then(|n| n.to_str()).unwrap_or(""))
-        {
+    for u in &spec.identity.upstream {
+        if !project.store.is_complete(&u.key) {
             return Err(bad(format!(
-                "upstream stage `{stage}` is not in the store ({})",
-                dir.display()
+                "upstream stage `{}` is not in the store ({})",
+                u.stage,
+                project.store.entry_dir(&u.key).display()
             )));
         }
     }
+    let upstream = super::local::upstream_entries(&project, &spec.identity);
     let build = BuildSpec {
         experiment: &spec.experiment,
         stage: &spec.stage,

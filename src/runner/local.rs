@@ -72,7 +72,7 @@ pub fn execute(
                         seed: stage.seed,
                         settings: &stage.settings,
                         identity: &next.identity,
-                        upstream: upstream_entries(project, next),
+                        upstream: upstream_entries(project, &next.identity),
                     };
                     let result = build_stage(project, &spec, forced, console);
                     let _ = tx.send((next.name.clone(), result));
@@ -103,13 +103,12 @@ pub fn execute(
     Ok(Builds { built, failed })
 }
 
-/// Store entry of each stage `planned` reads, by stage name.
+/// Store entry of each stage a stage reads, by stage name.
 pub fn upstream_entries(
     project: &Project,
-    planned: &PlannedStage,
+    identity: &crate::plan::StageIdentity,
 ) -> BTreeMap<String, std::path::PathBuf> {
-    planned
-        .identity
+    identity
         .upstream
         .iter()
         .map(|u| (u.stage.clone(), project.store.entry_dir(&u.key)))
