@@ -4,7 +4,7 @@ EXPS ?= $(EXP)
 CARGO ?= cargo
 BIN := target/release/posttrain
 
-.PHONY: build run plan status dag list compare gc gc-now verify test campaign fuzz bench fmt lint clean models
+.PHONY: build run plan status dag list compare gc gc-now verify test campaign fuzz bench bench-torch fmt lint clean models
 
 build:
 	$(CARGO) build --release
@@ -53,6 +53,19 @@ fuzz:
 
 bench:
 	$(CARGO) bench
+
+# posttrain against PyTorch 2 eager + transformers, side by side in one run
+# (benches/torch/compare.py; table in results/bench-torch/). The first run
+# makes a venv with torch and transformers from PyPI in .cache/bench-venv
+# (about 6 GB). Never part of `make test` or CI. BENCH_QUICK=1: two shapes.
+BENCH_VENV := .cache/bench-venv
+bench-torch: build models $(BENCH_VENV)/.ready
+	$(BENCH_VENV)/bin/python benches/torch/compare.py
+
+$(BENCH_VENV)/.ready:
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet torch transformers gguf numpy pyarrow
+	touch $@
 
 fmt:
 	$(CARGO) fmt

@@ -208,6 +208,12 @@ enum DagFormat {
     Dot,
 }
 
+/// mimalloc: training allocates and frees the same large buffers every
+/// step (activations, gradients, packed GEMM panels); glibc returns such
+/// blocks to the kernel and faults the pages in again each time.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -754,7 +760,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     println!("{}", answer[0].text.replace('\n', " "));
                 }
             } else {
-                for (p, a) in prompt.iter().zip(model.answer(&prompt, &settings, seed)?) {
+                let clock = std::time::Instant::now();
+                let answers = model.answer(&prompt, &settings, seed)?;
+                let secs = clock.elapsed().as_secs_f64();
+                if !cli.quiet {
+                    // Generated tokens, each answer's stop token included.
+                    let tokens: usize = answers.iter().map(|a| a.tokens + usize::from(a.finished)).sum();
+                    eprintln!(
+                        "generated {tokens} tokens for {} prompts in {secs:.2} s ({:.1} tokens/s)",
+                        answers.len(),
+                        tokens as f64 / secs.max(1e-9)
+                    );
+                }
+                for (p, a) in prompt.iter().zip(answers) {
                     let note = if a.finished {
                         ""
                     } else {

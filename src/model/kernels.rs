@@ -14,6 +14,7 @@
 use dfdx::prelude::*;
 use num_traits::{One, Zero};
 
+use super::gemm::{gemm, View};
 use super::llama::{Rope, T2, T3};
 use super::params::Matrix;
 
@@ -21,6 +22,11 @@ pub type T4<E, D, T> = Tensor<(usize, usize, usize, usize), E, D, T>;
 
 /// The model's fused ops; a device implements what it can fuse.
 pub trait Kernels<E: Dtype + From<f32>>: Device<E> {
+    /// x (B, S, K) @ w^T for a weight w (N, K): (B, S, N).
+    fn linear<T: Tape<E, Self> + Merge<T>>(x: T3<E, Self, T>, w: &Matrix<E, Self>) -> T3<E, Self, T> {
+        composite::linear(x, w)
+    }
+
     /// RMSNorm over the last axis with a (1, H) weight:
     /// `x / sqrt(mean(x^2) + eps) * w`.
     fn rms_norm<T: Tape<E, Self> + Merge<T>>(
@@ -73,6 +79,19 @@ impl<E: Dtype + From<f32>> Kernels<E> for dfdx::tensor::Cuda where dfdx::tensor:
 /// The ops in dfdx's generic tensor ops, for any device.
 pub mod composite {
     use super::*;
+
+    /// As one (B·S, K) x (K, N) product: dfdx's batched-by-broadcast matmul
+    /// runs one GEMM per batch row, each streaming the whole weight.
+    pub fn linear<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+        x: T3<E, D, T>,
+        w: &Matrix<E, D>,
+    ) -> T3<E, D, T> {
+        let (b, s, k) = *x.shape();
+        let n = w.shape().0;
+        x.reshape_like(&(b * s, k))
+            .matmul(w.retaped::<T>().permute::<_, Axes2<1, 0>>())
+            .reshape_like(&(b, s, n))
+    }
 
     pub fn rms_norm<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T>>(
         x: T3<E, D, T>,
@@ -171,6 +190,44 @@ macro_rules! cpu_kernels {
             }
 
             impl Kernels<E> for Cpu {
+                fn linear<T: Tape<E, Self> + Merge<T>>(
+                    x: T3<E, Self, T>,
+                    w: &Matrix<E, Self>,
+                ) -> T3<E, Self, T> {
+                    if std::env::var_os("AB_DFDX").is_some() {
+                        return composite::linear(x, w);
+                    }
+                    let shape = *x.shape();
+                    let (b, s, k) = shape;
+                    let (n, m) = (w.shape().0, b * s);
+                    let (x, mut tape) = x.reshape_like(&shape).split_tape();
+                    let mut y = vec![E::zero(); m * n];
+                    {
+                        let (xs, ws) = (host(&x), host(w));
+                        let (xv, wt) = (View::row_major(&xs, k), View::transposed(&ws, k));
+                        gemm(m, n, k, xv, wt, &mut y, false);
+                    }
+                    let out = x.device().tensor_from_vec(y, (b, s, n));
+                    if T::OWNS_TAPE {
+                        let (x_id, w_id, out_id) = (x.ghost(), w.ghost(), out.ghost());
+                        // The inputs' buffers (shared, not copied) until backward.
+                        let w = w.clone();
+                        tape.add_backward_op(move |grads| {
+                            let g = grads.get_or_alloc_mut(&out_id)?.to_vec();
+                            let (xs, ws) = (host(&x), host(&w));
+                            let gv = View::row_major(&g, n);
+                            // dx (M, K) += g (M, N) w (N, K)
+                            let gx = grads.get_or_alloc_mut(&x_id)?;
+                            gemm(m, k, n, gv, View::row_major(&ws, k), gx, true);
+                            // dw (N, K) += g^T (N, M) x (M, K)
+                            let gw = grads.get_or_alloc_mut(&w_id)?;
+                            gemm(n, k, m, View::transposed(&g, n), View::row_major(&xs, k), gw, true);
+                            Ok(())
+                        });
+                    }
+                    out.put_tape(tape)
+                }
+
                 fn rms_norm<T: Tape<E, Self> + Merge<T>>(
                     x: T3<E, Self, T>,
                     w: &Matrix<E, Self>,
@@ -586,6 +643,25 @@ mod tests {
             &|mut v| Cpu::rms_norm(v.remove(0), &w, 1e-5),
             &|mut v| composite::rms_norm(v.remove(0), &w, 1e-5),
         );
+    }
+
+    #[test]
+    fn linear_matches_composite() {
+        // Shapes past one micro-tile and one k-block, with ragged edges.
+        let dev = Cpu::seed_from_u64(9);
+        for (b, s, k, n) in [(2, 3, 5, 4), (3, 7, 300, 45)] {
+            let x = dev.sample_normal_like(&(b, s, k));
+            let w: Matrix<f64, Cpu> = dev.sample_normal_like(&(n, k));
+            let probe = dev.sample_normal_like(&(b, s, n));
+            check(
+                "linear",
+                &[&x],
+                &[&w],
+                &probe,
+                &|mut v| Cpu::linear(v.remove(0), &w),
+                &|mut v| composite::linear(v.remove(0), &w),
+            );
+        }
     }
 
     #[test]

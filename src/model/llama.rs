@@ -162,15 +162,15 @@ impl<E: Dtype + From<f32>, D: Device<E>> Rope<E, D> {
 }
 
 /// x (B, S, K) @ w^T for a weight w (N, K): (B, S, N).
-pub(crate) fn linear<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+pub(crate) fn linear<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>(
     x: T3<E, D, T>,
     w: &Matrix<E, D>,
 ) -> T3<E, D, T> {
-    x.matmul(w.retaped::<T>().permute::<_, Axes2<1, 0>>())
+    D::linear(x, w)
 }
 
 /// x @ w^T + b for a bias b (1, N) when the layer has one.
-pub(crate) fn linear_bias<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+pub(crate) fn linear_bias<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>(
     x: T3<E, D, T>,
     w: &Matrix<E, D>,
     b: Option<&Matrix<E, D>>,
@@ -191,7 +191,7 @@ pub(crate) fn linear_bias<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
 
 /// A layer's projection `target` (weight `w`, bias `b`) of x, plus its LoRA
 /// update (alpha / r) (x A^T) B^T when the layer has an adapter for it.
-fn project<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+fn project<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>(
     x: T3<E, D, T>,
     layer: &Layer<E, D>,
     target: &str,

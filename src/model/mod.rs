@@ -6,6 +6,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod frozen;
+pub mod gemm;
 pub mod generate;
 pub mod gguf_checkpoint;
 pub mod kernels;
