@@ -64,7 +64,7 @@ bench-torch: build models $(BENCH_VENV)/.ready
 
 $(BENCH_VENV)/.ready:
 	python3 -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/pip install --quiet torch transformers gguf numpy pyarrow
+	$(BENCH_VENV)/bin/pip install --quiet torch transformers accelerate gguf numpy pyarrow
 	touch $@
 
 fmt:

@@ -765,7 +765,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let secs = clock.elapsed().as_secs_f64();
                 if !cli.quiet {
                     // Generated tokens, each answer's stop token included.
-                    let tokens: usize = answers.iter().map(|a| a.tokens + usize::from(a.finished)).sum();
+                    let tokens: usize = answers
+                        .iter()
+                        .map(|a| a.tokens + usize::from(a.finished))
+                        .sum();
                     eprintln!(
                         "generated {tokens} tokens for {} prompts in {secs:.2} s ({:.1} tokens/s)",
                         answers.len(),

@@ -13,7 +13,8 @@ Writes results/bench-torch/bench.json and bench.md (the table README shows)
 and prints the table. Run through `make bench-torch`, which makes the venv
 with torch and transformers (.cache/bench-venv) first; never part of CI.
 Settings: BENCH_QUICK=1 runs only the two smallest shapes and batch-1
-generation (for checking the bench itself).
+generation (for checking the bench itself); BENCH_PARTS=shapes,smol,generate
+(the default) picks the parts.
 """
 
 import json
@@ -33,6 +34,7 @@ GGUF = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 WORK = os.path.join(ROOT, ".cache", "bench-torch")
 OUT = os.path.join(ROOT, "results", "bench-torch")
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+PARTS = os.environ.get("BENCH_PARTS", "shapes,smol,generate").split(",")
 WARMUP = 2
 
 # (name, hidden, layers, heads, kv heads, intermediate, seq, batch, steps)
@@ -49,10 +51,10 @@ SMOL_STEPS = 5
 NEW_TOKENS = 48
 
 PROMPTS = [
+    "Write a haiku about the sea.",
     "What is the capital of France?",
     "Give me three tips for staying focused while studying.",
     "Explain what a hash table is in two sentences.",
-    "Write a haiku about the sea.",
     "How do I boil an egg?",
     "What is the difference between weather and climate?",
     "Name three primary colors.",
@@ -222,6 +224,8 @@ def main():
     rows = []
     started = time.time()
     shapes = SHAPES[:2] if QUICK else SHAPES
+    if "shapes" not in PARTS:
+        shapes = []
     for i, (name, h, l, nh, kv, inter, seq, batch, steps) in enumerate(shapes):
         ours = posttrain_train(f"shape{i}", "pretrain", "tokenizer")
         theirs = torch_side(
@@ -231,8 +235,8 @@ def main():
         label = f"{name}, seq {seq}, batch {batch}"
         rows.append(row(label, theirs["params"], ours, theirs))
         print(json.dumps(rows[-1]), flush=True)
-    if not QUICK:
-        posttrain(["run", "smol", "--until", "base"])
+    posttrain(["run", "smol", "--until", "base"])
+    if not QUICK and "smol" in PARTS:
         for stage, batch in [("sft", SMOL_SFT_BATCH), ("dpo", SMOL_DPO_PAIRS)]:
             ours = posttrain_train("smol", stage, None)
             theirs = torch_side(
@@ -241,10 +245,8 @@ def main():
             what = f"{batch} pair(s)" if stage == "dpo" else f"batch {batch}"
             rows.append(row(f"SmolLM2-135M {stage.upper()}, seq {SMOL_SEQ}, {what}", 134515008, ours, theirs))
             print(json.dumps(rows[-1]), flush=True)
-    else:
-        posttrain(["run", "smol", "--until", "base"])
     prompts_file = os.path.join(WORK, "prompts.json")
-    for b in [1] if QUICK else [1, 16]:
+    for b in [] if "generate" not in PARTS else [1] if QUICK else [1, 16]:
         json.dump(PROMPTS[:b], open(prompts_file, "w"))
         ours = posttrain_generate(PROMPTS[:b])
         theirs = torch_side(

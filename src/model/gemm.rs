@@ -17,7 +17,15 @@
 use rayon::prelude::*;
 
 /// An element type the GEMM multiplies: its micro-kernel.
-pub trait Scalar: Copy + Send + Sync + Default + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self> + std::ops::AddAssign {
+pub trait Scalar:
+    Copy
+    + Send
+    + Sync
+    + Default
+    + std::ops::Add<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::AddAssign
+{
     /// The (mr x nr) block of C at the start of `c` (rows `ldc` apart)
     /// = (or += with `add`) sum over p of apack[p] (MR) outer bpack[p] (NR).
     fn kernel(
@@ -36,6 +44,10 @@ pub trait Scalar: Copy + Send + Sync + Default + std::ops::Add<Output = Self> + 
     /// `f` with this thread's two packing buffers (reused across calls, so
     /// a product allocates and zero-fills nothing once they have grown).
     fn with_scratch<R>(f: impl FnOnce(&mut Vec<Self>, &mut Vec<Self>) -> R) -> R;
+    /// dot(row, cols[q]) for each q, summed as [`Scalar::dot4x4`] sums.
+    fn dot1x4(row: &[Self], cols: [&[Self]; 4]) -> [Self; 4] {
+        std::array::from_fn(|q| dot_portable(row, cols[q]))
+    }
     /// dot(rows[r], cols[q]) for each r, q; all slices of one length.
     fn dot4x4(rows: [&[Self]; 4], cols: [&[Self]; 4]) -> [[Self; 4]; 4] {
         std::array::from_fn(|r| std::array::from_fn(|q| dot_portable(rows[r], cols[q])))
@@ -59,7 +71,13 @@ impl Scalar for f64 {
 }
 
 /// Store a computed tile's (mr x nr) corner into C.
-fn write_tile<E: Scalar>(tile: &[E; MR * NR], c: &mut [E], ldc: usize, (mr, nr): (usize, usize), add: bool) {
+fn write_tile<E: Scalar>(
+    tile: &[E; MR * NR],
+    c: &mut [E],
+    ldc: usize,
+    (mr, nr): (usize, usize),
+    add: bool,
+) {
     for i in 0..mr {
         let out = &mut c[i * ldc..i * ldc + nr];
         let t = &tile[i * NR..i * NR + nr];
@@ -92,7 +110,9 @@ impl Scalar for f32 {
         if !has_avx512() {
             kernel_portable(kc, ap, bp, &mut tile);
         } else if size == (MR, NR) {
-            assert!(ap.len() >= kc * MR && bp.len() >= kc * NR && c.len() > (MR - 1) * ldc + NR - 1);
+            assert!(
+                ap.len() >= kc * MR && bp.len() >= kc * NR && c.len() > (MR - 1) * ldc + NR - 1
+            );
             // SAFETY: AVX-512F is present (checked at run time); the
             // slices hold the panels and the whole block (asserted).
             unsafe { kernel_avx512(kc, ap.as_ptr(), bp.as_ptr(), c.as_mut_ptr(), ldc, add) };
@@ -102,6 +122,15 @@ impl Scalar for f32 {
             unsafe { kernel_avx512(kc, ap.as_ptr(), bp.as_ptr(), tile.as_mut_ptr(), NR, false) };
         }
         write_tile(&tile, c, ldc, size, add);
+    }
+    #[inline]
+    fn dot1x4(row: &[f32], cols: [&[f32]; 4]) -> [f32; 4] {
+        if has_avx512() {
+            // SAFETY: AVX-512F is present (checked at run time).
+            unsafe { dot1x4_avx512(row, cols) }
+        } else {
+            std::array::from_fn(|q| dot_portable(row, cols[q]))
+        }
     }
     #[inline]
     fn dot4x4(rows: [&[f32]; 4], cols: [&[f32]; 4]) -> [[f32; 4]; 4] {
@@ -220,7 +249,11 @@ fn few_rows<E: Scalar>(
     threads: usize,
     flops: f64,
 ) {
-    let chunks = if threads > 1 && flops > 2e6 { threads.min(n) } else { 1 };
+    let chunks = if threads > 1 && flops > 2e6 {
+        threads.min(n)
+    } else {
+        1
+    };
     let per = n.div_ceil(chunks);
     let c_addr = c.as_mut_ptr() as usize;
     let run = |t: usize| {
@@ -235,18 +268,23 @@ fn few_rows<E: Scalar>(
                 let jj = (j + q).min(j1 - 1);
                 &b.data[jj * b.cs..jj * b.cs + k]
             });
-            for i in (0..m).step_by(4) {
-                let rows: [&[E]; 4] = std::array::from_fn(|r| {
-                    let ii = (i + r).min(m - 1);
-                    &a.data[ii * a.rs..ii * a.rs + k]
-                });
-                let block = E::dot4x4(rows, cols);
-                for (r, vals) in block.iter().enumerate().take(m - i) {
-                    for (q, v) in vals.iter().enumerate().take(j1 - j) {
-                        let slot = &mut c[(i + r) * n + j + q];
-                        *slot = if accumulate { *slot + *v } else { *v };
-                    }
+            let mut put = |i: usize, vals: &[E; 4]| {
+                for (q, v) in vals.iter().enumerate().take(j1 - j) {
+                    let slot = &mut c[i * n + j + q];
+                    *slot = if accumulate { *slot + *v } else { *v };
                 }
+            };
+            let row = |i: usize| &a.data[i * a.rs..i * a.rs + k];
+            let full = m / 4 * 4;
+            for i in (0..full).step_by(4) {
+                let block = E::dot4x4(std::array::from_fn(|r| row(i + r)), cols);
+                for (r, vals) in block.iter().enumerate() {
+                    put(i + r, vals);
+                }
+            }
+            // The last rows one at a time (the same sums, in the same order).
+            for i in full..m {
+                put(i, &E::dot1x4(row(i), cols));
             }
         }
     };
@@ -339,6 +377,23 @@ fn pack_b<E: Scalar>(b: View<E>, pc: usize, kc: usize, jc: usize, nc: usize, out
     for (panel, j) in (0..nc).step_by(NR).enumerate() {
         let w = NR.min(nc - j);
         let dst = &mut out[panel * NR * kc..(panel + 1) * NR * kc];
+        if b.rs == 1 && b.cs != 1 {
+            // Columns contiguous (B = W^T): read each column once, in order.
+            for q in 0..NR {
+                if q < w {
+                    let start = (jc + j + q) * b.cs + pc;
+                    let col = &b.data[start..start + kc];
+                    for (p, v) in col.iter().enumerate() {
+                        dst[p * NR + q] = *v;
+                    }
+                } else {
+                    for p in 0..kc {
+                        dst[p * NR + q] = E::default();
+                    }
+                }
+            }
+            continue;
+        }
         for p in 0..kc {
             let row = &mut dst[p * NR..(p + 1) * NR];
             if b.cs == 1 {
@@ -368,7 +423,12 @@ fn pack_a<E: Scalar>(a: View<E>, ic: usize, mc: usize, pc: usize, kc: usize, out
             }
         } else {
             for r in 0..MR {
-                if r < h {
+                if r < h && a.cs == 1 {
+                    let start = (ic + i + r) * a.rs + pc;
+                    for (p, v) in a.data[start..start + kc].iter().enumerate() {
+                        dst[p * MR + r] = *v;
+                    }
+                } else if r < h {
                     let row = &a.data[(ic + i + r) * a.rs..];
                     for p in 0..kc {
                         dst[p * MR + r] = row[(pc + p) * a.cs];
@@ -456,6 +516,37 @@ unsafe fn dot4x4_avx512(rows: [&[f32]; 4], cols: [&[f32]; 4]) -> [[f32; 4]; 4] {
     out
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot1x4_avx512(row: &[f32], cols: [&[f32]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let k = row.len();
+    debug_assert!(cols.iter().all(|s| s.len() == k));
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut p = 0;
+    while p + 16 <= k {
+        let x = _mm512_loadu_ps(row.as_ptr().add(p));
+        for q in 0..4 {
+            acc[q] = _mm512_fmadd_ps(x, _mm512_loadu_ps(cols[q].as_ptr().add(p)), acc[q]);
+        }
+        p += 16;
+    }
+    let mut out = [0.0f32; 4];
+    for q in 0..4 {
+        let mut total = _mm512_reduce_add_ps(acc[q]);
+        for t in p..k {
+            total += row[t] * cols[q][t];
+        }
+        out[q] = total;
+    }
+    out
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot1x4_avx512(row: &[f32], cols: [&[f32]; 4]) -> [f32; 4] {
+    std::array::from_fn(|q| dot_portable(row, cols[q]))
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn dot4x4_avx512(rows: [&[f32]; 4], cols: [&[f32]; 4]) -> [[f32; 4]; 4] {
     std::array::from_fn(|r| std::array::from_fn(|q| dot_portable(rows[r], cols[q])))
@@ -465,7 +556,14 @@ unsafe fn dot4x4_avx512(rows: [&[f32]; 4], cols: [&[f32]; 4]) -> [[f32; 4]; 4] {
 /// product of an A panel and a B panel: 24 accumulators, A broadcast.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel_avx512(kc: usize, ap: *const f32, bp: *const f32, c: *mut f32, ldc: usize, add: bool) {
+unsafe fn kernel_avx512(
+    kc: usize,
+    ap: *const f32,
+    bp: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
     use std::arch::x86_64::*;
     let mut acc = [_mm512_setzero_ps(); 2 * MR];
     let (mut a, mut b) = (ap, bp);
@@ -512,10 +610,14 @@ mod tests {
     }
 
     fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..len)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -578,11 +680,38 @@ mod tests {
             let (a, b) = (View::row_major(&ad, k), View::transposed(&bd, k));
             let on = |threads: usize| {
                 let mut c = vec![0.0; m * n];
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
                 pool.install(|| gemm(m, n, k, a, b, &mut c, false));
                 c
             };
             assert_eq!(on(1), on(3), "each element is summed in the same order");
+        }
+    }
+
+    #[test]
+    fn a_row_alone_or_among_others_gets_the_same_bits() {
+        // Generation relies on it: a prompt alone or in a batch, the same tokens.
+        let (n, k) = (9, 70);
+        let ad = values(6 * k, 8);
+        let bd = values(k * n, 9);
+        let b = View::transposed(&bd, k);
+        let mut all = vec![0.0; 6 * n];
+        gemm(6, n, k, View::row_major(&ad, k), b, &mut all, false);
+        for i in 0..6 {
+            let mut one = vec![0.0; n];
+            gemm(
+                1,
+                n,
+                k,
+                View::row_major(&ad[i * k..(i + 1) * k], k),
+                b,
+                &mut one,
+                false,
+            );
+            assert_eq!(one, all[i * n..(i + 1) * n], "row {i}");
         }
     }
 

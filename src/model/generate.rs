@@ -210,6 +210,20 @@ pub fn generate(
     seed: u64,
     use_cache: bool,
 ) -> Vec<Vec<usize>> {
+    Dev::with_weights_cached(params, || {
+        generate_with(params, prompts, stops, pad, s, seed, use_cache)
+    })
+}
+
+fn generate_with(
+    params: &LlamaParams<f32, Dev>,
+    prompts: &[Vec<usize>],
+    stops: &[usize],
+    pad: usize,
+    s: &SampleSettings,
+    seed: u64,
+    use_cache: bool,
+) -> Vec<Vec<usize>> {
     let b = prompts.len();
     if b == 0 {
         return Vec::new();

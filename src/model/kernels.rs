@@ -17,14 +17,36 @@ use num_traits::{One, Zero};
 use super::gemm::{gemm, View};
 use super::llama::{Rope, T2, T3};
 use super::params::Matrix;
+use super::LlamaParams;
 
 pub type T4<E, D, T> = Tensor<(usize, usize, usize, usize), E, D, T>;
 
 /// The model's fused ops; a device implements what it can fuse.
 pub trait Kernels<E: Dtype + From<f32>>: Device<E> {
     /// x (B, S, K) @ w^T for a weight w (N, K): (B, S, N).
-    fn linear<T: Tape<E, Self> + Merge<T>>(x: T3<E, Self, T>, w: &Matrix<E, Self>) -> T3<E, Self, T> {
+    fn linear<T: Tape<E, Self> + Merge<T>>(
+        x: T3<E, Self, T>,
+        w: &Matrix<E, Self>,
+    ) -> T3<E, Self, T> {
         composite::linear(x, w)
+    }
+
+    /// Run `f` (inference on `params`: no tape) with the weights' host
+    /// copies made once instead of at every [`Kernels::linear`]: the CPU
+    /// can only read a dfdx tensor by copying it, which at one generated
+    /// token per step is most of the step. Other devices run `f` as it is.
+    fn with_weights_cached<R>(params: &LlamaParams<E, Self>, f: impl FnOnce() -> R) -> R {
+        let _ = params;
+        f()
+    }
+
+    /// [`Kernels::linear`] with `w` frozen (LoRA's base weights): the
+    /// gradient flows to x only, and none is computed or stored for w.
+    fn linear_frozen<T: Tape<E, Self> + Merge<T>>(
+        x: T3<E, Self, T>,
+        w: &Matrix<E, Self>,
+    ) -> T3<E, Self, T> {
+        composite::linear_frozen(x, w)
     }
 
     /// RMSNorm over the last axis with a (1, H) weight:
@@ -90,6 +112,17 @@ pub mod composite {
         let n = w.shape().0;
         x.reshape_like(&(b * s, k))
             .matmul(w.retaped::<T>().permute::<_, Axes2<1, 0>>())
+            .reshape_like(&(b, s, n))
+    }
+
+    pub fn linear_frozen<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+        x: T3<E, D, T>,
+        w: &Matrix<E, D>,
+    ) -> T3<E, D, T> {
+        let (b, s, k) = *x.shape();
+        let n = w.shape().0;
+        x.reshape_like(&(b * s, k))
+            .matmul(w.clone().permute::<_, Axes2<1, 0>>())
             .reshape_like(&(b, s, n))
     }
 
@@ -166,6 +199,45 @@ fn constant<E: From<f32>>(x: f64) -> E {
     <E as From<f32>>::from(x as f32)
 }
 
+/// Host copies of a borrowed model's matrices, keyed by each matrix's
+/// address, while [`Kernels::with_weights_cached`] runs on this thread.
+/// A hit is sound: the model stays borrowed for the whole scope, so a live
+/// matrix at a cached address is the very matrix that was copied.
+mod weight_cache {
+    use std::any::Any;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::rc::Rc;
+
+    thread_local! {
+        static CACHE: RefCell<Option<HashMap<usize, Rc<dyn Any>>>> = const { RefCell::new(None) };
+    }
+
+    /// Fill the cache for the scope of `f`, then empty it (also on a panic).
+    pub fn scoped<R>(entries: Vec<(usize, Rc<dyn Any>)>, f: impl FnOnce() -> R) -> R {
+        struct Clear;
+        impl Drop for Clear {
+            fn drop(&mut self) {
+                CACHE.with(|c| *c.borrow_mut() = None);
+            }
+        }
+        if CACHE.with(|c| c.borrow().is_some()) {
+            return f(); // nested: the outer scope's copies serve
+        }
+        CACHE.with(|c| *c.borrow_mut() = Some(entries.into_iter().collect()));
+        let _clear = Clear;
+        f()
+    }
+
+    pub fn get<E: 'static>(address: usize) -> Option<Rc<Vec<E>>> {
+        CACHE.with(|c| {
+            let c = c.borrow();
+            let hit = c.as_ref()?.get(&address)?.clone();
+            hit.downcast::<Vec<E>>().ok()
+        })
+    }
+}
+
 /// The fused CPU kernels, for f32 (training, with [`fast_exp`]) and f64
 /// (gradient checks, with std's exp).
 /// Inputs are made contiguous first (a view when they already are), so
@@ -189,43 +261,84 @@ macro_rules! cpu_kernels {
                 z.iter_mut().for_each(|x| *x *= inv);
             }
 
+            /// x w^T through [`gemm`]; with `train_w` false no gradient for w.
+            fn linear_fused<T: Tape<E, Cpu> + Merge<T>>(
+                x: T3<E, Cpu, T>,
+                w: &Matrix<E, Cpu>,
+                train_w: bool,
+            ) -> T3<E, Cpu, T> {
+                let shape = *x.shape();
+                let (b, s, k) = shape;
+                let (n, m) = (w.shape().0, b * s);
+                let (x, mut tape) = x.reshape_like(&shape).split_tape();
+                let mut y = vec![E::zero(); m * n];
+                {
+                    let cached = weight_cache::get::<E>(w as *const Matrix<E, Cpu> as usize);
+                    let copied;
+                    let ws: &[E] = match &cached {
+                        Some(c) if !T::OWNS_TAPE => c,
+                        _ => {
+                            copied = host(w);
+                            &copied
+                        }
+                    };
+                    let xs = host(&x);
+                    let (xv, wt) = (View::row_major(&xs, k), View::transposed(ws, k));
+                    gemm(m, n, k, xv, wt, &mut y, false);
+                }
+                let out = x.device().tensor_from_vec(y, (b, s, n));
+                if T::OWNS_TAPE {
+                    let (x_id, w_id, out_id) = (x.ghost(), w.ghost(), out.ghost());
+                    // The inputs' buffers (shared, not copied) until backward.
+                    let w = w.clone();
+                    tape.add_backward_op(move |grads| {
+                        let g = grads.get_or_alloc_mut(&out_id)?.to_vec();
+                        let ws = host(&w);
+                        let gv = View::row_major(&g, n);
+                        // dx (M, K) += g (M, N) w (N, K)
+                        let gx = grads.get_or_alloc_mut(&x_id)?;
+                        gemm(m, k, n, gv, View::row_major(&ws, k), gx, true);
+                        if train_w {
+                            // dw (N, K) += g^T (N, M) x (M, K)
+                            let gw = grads.get_or_alloc_mut(&w_id)?;
+                            let (gt, xs) = (View::transposed(&g, n), host(&x));
+                            gemm(n, k, m, gt, View::row_major(&xs, k), gw, true);
+                        }
+                        Ok(())
+                    });
+                }
+                out.put_tape(tape)
+            }
+
             impl Kernels<E> for Cpu {
+                fn with_weights_cached<R>(
+                    params: &LlamaParams<E, Cpu>,
+                    f: impl FnOnce() -> R,
+                ) -> R {
+                    let entries = params
+                        .named()
+                        .into_iter()
+                        .filter(|(_, t)| t.shape().0 > 1)
+                        .map(|(_, t)| {
+                            let copy: std::rc::Rc<dyn std::any::Any> = std::rc::Rc::new(host(t));
+                            (t as *const Matrix<E, Cpu> as usize, copy)
+                        })
+                        .collect();
+                    weight_cache::scoped(entries, f)
+                }
+
                 fn linear<T: Tape<E, Self> + Merge<T>>(
                     x: T3<E, Self, T>,
                     w: &Matrix<E, Self>,
                 ) -> T3<E, Self, T> {
-                    if std::env::var_os("AB_DFDX").is_some() {
-                        return composite::linear(x, w);
-                    }
-                    let shape = *x.shape();
-                    let (b, s, k) = shape;
-                    let (n, m) = (w.shape().0, b * s);
-                    let (x, mut tape) = x.reshape_like(&shape).split_tape();
-                    let mut y = vec![E::zero(); m * n];
-                    {
-                        let (xs, ws) = (host(&x), host(w));
-                        let (xv, wt) = (View::row_major(&xs, k), View::transposed(&ws, k));
-                        gemm(m, n, k, xv, wt, &mut y, false);
-                    }
-                    let out = x.device().tensor_from_vec(y, (b, s, n));
-                    if T::OWNS_TAPE {
-                        let (x_id, w_id, out_id) = (x.ghost(), w.ghost(), out.ghost());
-                        // The inputs' buffers (shared, not copied) until backward.
-                        let w = w.clone();
-                        tape.add_backward_op(move |grads| {
-                            let g = grads.get_or_alloc_mut(&out_id)?.to_vec();
-                            let (xs, ws) = (host(&x), host(&w));
-                            let gv = View::row_major(&g, n);
-                            // dx (M, K) += g (M, N) w (N, K)
-                            let gx = grads.get_or_alloc_mut(&x_id)?;
-                            gemm(m, k, n, gv, View::row_major(&ws, k), gx, true);
-                            // dw (N, K) += g^T (N, M) x (M, K)
-                            let gw = grads.get_or_alloc_mut(&w_id)?;
-                            gemm(n, k, m, View::transposed(&g, n), View::row_major(&xs, k), gw, true);
-                            Ok(())
-                        });
-                    }
-                    out.put_tape(tape)
+                    linear_fused(x, w, true)
+                }
+
+                fn linear_frozen<T: Tape<E, Self> + Merge<T>>(
+                    x: T3<E, Self, T>,
+                    w: &Matrix<E, Self>,
+                ) -> T3<E, Self, T> {
+                    linear_fused(x, w, false)
                 }
 
                 fn rms_norm<T: Tape<E, Self> + Merge<T>>(
@@ -662,6 +775,30 @@ mod tests {
                 &|mut v| composite::linear(v.remove(0), &w),
             );
         }
+    }
+
+    #[test]
+    fn frozen_linear_matches_composite_and_leaves_the_weight_alone() {
+        let dev = Cpu::seed_from_u64(10);
+        let x = dev.sample_normal_like(&(2, 5, 40));
+        let w: Matrix<f64, Cpu> = dev.sample_normal_like(&(33, 40));
+        let probe = dev.sample_normal_like(&(2, 5, 33));
+        check(
+            "linear_frozen",
+            &[&x],
+            &[],
+            &probe,
+            &|mut v| Cpu::linear_frozen(v.remove(0), &w),
+            &|mut v| composite::linear_frozen(v.remove(0), &w),
+        );
+        let out = Cpu::linear_frozen(x.trace(Gradients::leaky()), &w);
+        let mut grads = (out * probe.clone()).sum().backward();
+        // Allocates zeros only where no gradient was written.
+        grads.try_alloc_for(&w).unwrap();
+        assert!(
+            grads.get(&w).as_vec().iter().all(|g| *g == 0.0),
+            "no gradient for w"
+        );
     }
 
     #[test]

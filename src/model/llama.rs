@@ -169,22 +169,39 @@ pub(crate) fn linear<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<
     D::linear(x, w)
 }
 
-/// x @ w^T + b for a bias b (1, N) when the layer has one.
-pub(crate) fn linear_bias<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>(
+/// [`linear`] for a weight that trains (`frozen` false) or not (LoRA's
+/// base weights: no gradient is computed or stored for them).
+fn linear_maybe_frozen<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>(
+    x: T3<E, D, T>,
+    w: &Matrix<E, D>,
+    frozen: bool,
+) -> T3<E, D, T> {
+    if frozen {
+        D::linear_frozen(x, w)
+    } else {
+        D::linear(x, w)
+    }
+}
+
+/// x @ w^T + b for a bias b (1, N) when the layer has one; `frozen`: no
+/// gradient for w and b.
+fn linear_bias<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>(
     x: T3<E, D, T>,
     w: &Matrix<E, D>,
     b: Option<&Matrix<E, D>>,
+    frozen: bool,
 ) -> T3<E, D, T> {
-    let y = linear(x, w);
+    let y = linear_maybe_frozen(x, w, frozen);
     match b {
         None => y,
         Some(b) => {
             let shape = *y.shape();
-            let b = b
-                .retaped::<T>()
-                .reshape_like(&(shape.2,))
-                .broadcast_like::<_, Axes2<0, 1>>(&shape);
-            y + b
+            let b = b.clone().reshape_like(&(shape.2,));
+            if frozen {
+                y + b.broadcast_like::<_, Axes2<0, 1>>(&shape)
+            } else {
+                y + b.retaped::<T>().broadcast_like::<_, Axes2<0, 1>>(&shape)
+            }
         }
     }
 }
@@ -202,10 +219,12 @@ fn project<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>(
         .lora
         .as_ref()
         .and_then(|l| l.adapters.get(target).map(|ab| (l.scale, ab)));
+    // With adapters anywhere in the layer its base weights are frozen.
+    let frozen = layer.lora.is_some();
     match adapter {
-        None => linear_bias(x, w, b),
+        None => linear_bias(x, w, b, frozen),
         Some((scale, (a, bm))) => {
-            let y = linear_bias(x.retaped::<T>(), w, b);
+            let y = linear_bias(x.retaped::<T>(), w, b, frozen);
             let low = linear(linear(x, a), bm);
             y + low * E::from(scale as f32)
         }
@@ -357,7 +376,12 @@ where
     let eps = params.config.rms_norm_eps;
     let consts = Rope::new(params, batch, &dev);
     let ids = dev.tensor_from_vec(batch.ids.clone(), (batch.batch, batch.seq));
-    let mut x: T3<E, D, T> = params.embed_tokens.clone().put_tape(tape).gather(ids);
+    // A LoRA model's embeddings are frozen: the tape starts after them.
+    let mut x: T3<E, D, T> = if params.has_lora() {
+        params.embed_tokens.clone().gather(ids).put_tape(tape)
+    } else {
+        params.embed_tokens.clone().put_tape(tape).gather(ids)
+    };
     for layer in &params.layers {
         let normed = D::rms_norm(x.retaped::<T>(), &layer.input_layernorm, eps);
         x = x + attention(normed, layer, params, &consts);
@@ -375,7 +399,8 @@ where
     T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
 {
     let h = hidden_states(params, batch, tape);
-    linear(h, params.lm_head.as_ref().unwrap_or(&params.embed_tokens))
+    let head = params.lm_head.as_ref().unwrap_or(&params.embed_tokens);
+    linear_maybe_frozen(h, head, params.has_lora())
 }
 
 /// log p(ids[t+1] | ids[..=t]) at column t: (B, S). The last column has

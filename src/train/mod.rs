@@ -98,7 +98,7 @@ pub fn fit<D>(
     progress: &ProgressBar,
 ) -> Result<(), TrainError>
 where
-    D: workers::WorkerDevice,
+    D: workers::WorkerDevice + TakeGrad,
 {
     if let Some((lora, seed)) = &s.lora {
         if !params.has_lora() {
@@ -209,7 +209,7 @@ where
 
 /// The gradient of `loss` for every trained parameter, in `trainable()`
 /// order (with LoRA: the adapters only).
-pub(crate) fn gradients<D: Device<f32>>(
+pub(crate) fn gradients<D: TakeGrad>(
     params: &LlamaParams<f32, D>,
     loss: Tensor<(), f32, D, OwnedTape<f32, D>>,
 ) -> Vec<Matrix<f32, D>> {
@@ -217,13 +217,30 @@ pub(crate) fn gradients<D: Device<f32>>(
     params
         .trainable()
         .iter()
-        .map(|(_, t)| {
-            // Parameters the loss does not reach get a zero gradient.
-            grads.try_alloc_for(*t).expect("allocate a gradient");
-            grads.get(*t)
-        })
+        .map(|(_, t)| D::take_grad(&mut grads, t))
         .collect()
 }
+
+/// A parameter's gradient out of dfdx's `Gradients` (a zero gradient for a
+/// parameter the loss does not reach): the CPU moves the buffer out as it
+/// is; other devices copy it.
+pub trait TakeGrad: Device<f32> {
+    fn take_grad(grads: &mut Gradients<f32, Self>, t: &Matrix<f32, Self>) -> Matrix<f32, Self> {
+        grads.try_alloc_for(t).expect("allocate a gradient");
+        grads.get(t)
+    }
+}
+
+impl TakeGrad for Cpu {
+    fn take_grad(grads: &mut Gradients<f32, Cpu>, t: &Matrix<f32, Cpu>) -> Matrix<f32, Cpu> {
+        let slot = grads.get_or_alloc_mut(t).expect("allocate a gradient");
+        let buf: Vec<f32> = std::mem::take(&mut **slot);
+        t.device().tensor_from_vec(buf, *t.shape())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl TakeGrad for dfdx::tensor::Cuda {}
 
 /// Clip `grads` by their global norm (`s.max_grad_norm`) and take one
 /// AdamW step; returns the norm before clipping.

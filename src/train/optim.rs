@@ -180,17 +180,26 @@ impl<D: Device<f32>> AdamW<D> {
         let (b1, b2) = (s.beta1, s.beta2);
         let bias1 = 1.0 / (1.0 - b1.powi(t));
         let bias2 = 1.0 / (1.0 - b2.powi(t));
-        for (i, ((name, p), g)) in params.trainable_mut().into_iter().zip(grads).enumerate() {
+        // Every tensor below is owned and unshared where dfdx can reuse its
+        // buffer (its element-wise ops write in place into a uniquely held
+        // operand), so a step allocates about 3 parameter-sized buffers per
+        // parameter instead of one per op.
+        let moments = std::mem::take(&mut self.m)
+            .into_iter()
+            .zip(std::mem::take(&mut self.v));
+        let trained = params.trainable_mut().into_iter().zip(grads).zip(moments);
+        for (((name, p), g), (m, v)) in trained {
             let g = g * clip_scale as f32;
-            self.m[i] = self.m[i].clone() * b1 as f32 + g.clone() * (1.0 - b1) as f32;
-            self.v[i] = self.v[i].clone() * b2 as f32 + g.square() * (1.0 - b2) as f32;
-            let m_hat = self.m[i].clone() * bias1 as f32;
-            let v_hat = self.v[i].clone() * bias2 as f32;
-            let mut step = m_hat / (v_hat.sqrt() + s.eps as f32);
+            let m = m * b1 as f32 + g.clone() * (1.0 - b1) as f32;
+            let v = v * b2 as f32 + g.square() * (1.0 - b2) as f32;
+            let denom = (v.clone() * bias2 as f32).sqrt() + s.eps as f32;
+            let mut step = (m.clone() * bias1 as f32) / denom;
             if s.weight_decay > 0.0 && !is_vector(&name) {
                 step = step + p.clone() * s.weight_decay as f32;
             }
             *p = p.clone() - step * lr as f32;
+            self.m.push(m);
+            self.v.push(v);
         }
     }
 }
