@@ -86,6 +86,24 @@ pub trait Kernels<E: Dtype + From<f32>>: Device<E> {
         composite::masked_softmax(scores, scale, c)
     }
 
+    /// `log_softmax(h w^T)[b, s, targets[b * S + s]]`: (B, S), the LM head
+    /// and its log-probabilities as one op (`frozen`: no gradient for w).
+    /// The CPU runs it in chunks of rows, so the (B·S, vocab) logits never
+    /// exist at once (49,152 wide for SmolLM2).
+    fn lm_head_logprobs<T: Tape<E, Self> + Merge<T> + Merge<NoneTape>>(
+        h: T3<E, Self, T>,
+        w: &Matrix<E, Self>,
+        frozen: bool,
+        targets: &[usize],
+    ) -> T2<E, Self, T> {
+        let logits = if frozen {
+            Self::linear_frozen(h, w)
+        } else {
+            Self::linear(h, w)
+        };
+        Self::gather_logprobs(logits, targets)
+    }
+
     /// `log_softmax(logits)[b, s, targets[b * S + s]]`: (B, S).
     fn gather_logprobs<T: Tape<E, Self> + Merge<T> + Merge<NoneTape>>(
         logits: T3<E, Self, T>,
@@ -310,7 +328,102 @@ macro_rules! cpu_kernels {
                 out.put_tape(tape)
             }
 
+            /// Rows of logits computed at once by [`lm_head_fused`].
+            const LM_HEAD_ROWS: usize = 128;
+
+            /// log_softmax(h w^T)[targets] chunk by chunk; the backward
+            /// recomputes each chunk's logits from h (one more LM-head
+            /// product) instead of keeping them.
+            fn lm_head_fused<T: Tape<E, Cpu> + Merge<T> + Merge<NoneTape>>(
+                h: T3<E, Cpu, T>,
+                w: &Matrix<E, Cpu>,
+                train_w: bool,
+                targets: &[usize],
+            ) -> T2<E, Cpu, T> {
+                let shape = *h.shape();
+                let (b, s, k) = shape;
+                let (v, m) = (w.shape().0, b * s);
+                assert_eq!(targets.len(), m, "one target per position");
+                let (h, mut tape) = h.reshape_like(&shape).split_tape();
+                let hs = host(&h);
+                let cached = weight_cache::get::<E>(w as *const Matrix<E, Cpu> as usize);
+                let ws: Vec<E> = match &cached {
+                    Some(c) if !T::OWNS_TAPE => Vec::new(),
+                    _ => host(w),
+                };
+                let wv: &[E] = match &cached {
+                    Some(c) if !T::OWNS_TAPE => c,
+                    _ => &ws,
+                };
+                let mut buf = vec![E::zero(); LM_HEAD_ROWS.min(m) * v];
+                let (mut out, mut lse) = (Vec::with_capacity(m), Vec::with_capacity(m));
+                for r0 in (0..m).step_by(LM_HEAD_ROWS) {
+                    let rows = LM_HEAD_ROWS.min(m - r0);
+                    let chunk = &mut buf[..rows * v];
+                    let hc = View::row_major(&hs[r0 * k..(r0 + rows) * k], k);
+                    gemm(rows, v, k, hc, View::transposed(wv, k), chunk, false);
+                    for (row, &t) in chunk.chunks_exact_mut(v).zip(&targets[r0..r0 + rows]) {
+                        let max = lanes::max(row);
+                        let target = row[t];
+                        row.iter_mut().for_each(|x| *x = exp(*x - max));
+                        let l = max + lanes::sum(row).ln();
+                        lse.push(l);
+                        out.push(target - l);
+                    }
+                }
+                drop(buf);
+                let out = h.device().tensor_from_vec(out, (b, s));
+                if T::OWNS_TAPE {
+                    let targets = targets.to_vec();
+                    let (h_id, w_id, out_id) = (h.ghost(), w.ghost(), out.ghost());
+                    tape.add_backward_op(move |grads| {
+                        let g = grads.get_or_alloc_mut(&out_id)?.to_vec();
+                        let mut buf = vec![E::zero(); LM_HEAD_ROWS.min(m) * v];
+                        for r0 in (0..m).step_by(LM_HEAD_ROWS) {
+                            let rows = LM_HEAD_ROWS.min(m - r0);
+                            let gs = &g[r0..r0 + rows];
+                            if gs.iter().all(|x| *x == E::zero()) {
+                                continue; // untrained positions (prompt, padding)
+                            }
+                            let chunk = &mut buf[..rows * v];
+                            let hc = &hs[r0 * k..(r0 + rows) * k];
+                            let hv = View::row_major(hc, k);
+                            gemm(rows, v, k, hv, View::transposed(&ws, k), chunk, false);
+                            for (i, row) in chunk.chunks_exact_mut(v).enumerate() {
+                                let (gi, l) = (gs[i], lse[r0 + i]);
+                                // d logit_j = g (1[j = t] - softmax_j)
+                                if gi == E::zero() {
+                                    row.fill(E::zero());
+                                    continue;
+                                }
+                                row.iter_mut().for_each(|x| *x = -gi * exp(*x - l));
+                                row[targets[r0 + i]] += gi;
+                            }
+                            let dl = View::row_major(&*chunk, v);
+                            let gh = grads.get_or_alloc_mut(&h_id)?;
+                            let ghc = &mut gh[r0 * k..(r0 + rows) * k];
+                            gemm(rows, k, v, dl, View::row_major(&ws, k), ghc, true);
+                            if train_w {
+                                let gw = grads.get_or_alloc_mut(&w_id)?;
+                                gemm(v, k, rows, View::transposed(&*chunk, v), hv, gw, true);
+                            }
+                        }
+                        Ok(())
+                    });
+                }
+                out.put_tape(tape)
+            }
+
             impl Kernels<E> for Cpu {
+                fn lm_head_logprobs<T: Tape<E, Self> + Merge<T> + Merge<NoneTape>>(
+                    h: T3<E, Self, T>,
+                    w: &Matrix<E, Self>,
+                    frozen: bool,
+                    targets: &[usize],
+                ) -> T2<E, Self, T> {
+                    lm_head_fused(h, w, !frozen, targets)
+                }
+
                 fn with_weights_cached<R>(
                     params: &LlamaParams<E, Cpu>,
                     f: impl FnOnce() -> R,
@@ -799,6 +912,46 @@ mod tests {
             grads.get(&w).as_vec().iter().all(|g| *g == 0.0),
             "no gradient for w"
         );
+    }
+
+    #[test]
+    fn lm_head_logprobs_matches_composite_across_chunks() {
+        // 3 x 50 = 150 positions: two chunks of rows, the second ragged.
+        let dev = Cpu::seed_from_u64(11);
+        let (b, s, k, v) = (3, 50, 8, 37);
+        let h = dev.sample_normal_like(&(b, s, k));
+        let w: Matrix<f64, Cpu> = dev.sample_normal_like(&(v, k));
+        let targets: Vec<usize> = (0..b * s).map(|i| (i * 7 + 3) % v).collect();
+        // Some positions untrained (weight 0), as prompts and padding are.
+        let probe_values: Vec<f64> = (0..b * s)
+            .map(|i| {
+                if i % 5 == 0 {
+                    0.0
+                } else {
+                    1.0 + (i % 3) as f64
+                }
+            })
+            .collect();
+        let probe = dev.tensor_from_vec(probe_values, (b, s));
+        for frozen in [false, true] {
+            let leaves: &[&Matrix<f64, Cpu>] = if frozen { &[] } else { &[&w] };
+            check(
+                "lm_head_logprobs",
+                &[&h],
+                leaves,
+                &probe,
+                &|mut v| Cpu::lm_head_logprobs(v.remove(0), &w, frozen, &targets),
+                &|mut v| {
+                    let h = v.remove(0);
+                    let logits = if frozen {
+                        composite::linear_frozen(h, &w)
+                    } else {
+                        composite::linear(h, &w)
+                    };
+                    composite::gather_logprobs(logits, &targets)
+                },
+            );
+        }
     }
 
     #[test]

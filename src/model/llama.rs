@@ -422,7 +422,9 @@ where
         targets.extend(row[1..].iter().copied());
         targets.push(row[s - 1]);
     }
-    D::gather_logprobs(logits(params, batch, tape), &targets)
+    let h = hidden_states(params, batch, tape);
+    let head = params.lm_head.as_ref().unwrap_or(&params.embed_tokens);
+    D::lm_head_logprobs(h, head, params.has_lora(), &targets)
 }
 
 /// The scalar head at every position (B, S): reward or value model output.

@@ -48,8 +48,15 @@ fn pools() -> &'static [rayon::ThreadPool] {
 }
 
 /// `f(i, item)` for every item, item i on worker i % WORKERS; results in order.
+/// A lone item runs on the calling thread instead, where the matmuls use
+/// every core (a second worker would have nothing to do); the GEMM sums
+/// each element in the same order on any number of threads, so the result
+/// is the same.
 #[cfg(not(feature = "cuda"))]
 pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(usize, &T) -> R + Sync) -> Vec<R> {
+    if let [only] = items {
+        return vec![f(0, only)];
+    }
     let f = &f;
     let mut out: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
     std::thread::scope(|scope| {
@@ -147,5 +154,10 @@ mod tests {
         }
         let (a, b) = join(|| 1 + 1, rayon::current_num_threads);
         assert_eq!((a, b), (2, 1));
+        let here = rayon::current_num_threads();
+        assert_eq!(
+            map(&[5], |_, x| (x * 2, rayon::current_num_threads())),
+            [(10, here)]
+        );
     }
 }
