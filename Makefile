@@ -4,7 +4,7 @@ EXPS ?= $(EXP)
 CARGO ?= cargo
 BIN := target/release/posttrain
 
-.PHONY: build run plan status dag list compare gc gc-now verify test campaign fuzz bench bench-torch fmt lint clean models
+.PHONY: build run plan status dag list compare gc gc-now verify test campaign fuzz bench bench-torch bench-lora-1b fmt lint clean models
 
 build:
 	$(CARGO) build --release
@@ -61,6 +61,11 @@ bench:
 BENCH_VENV := .cache/bench-venv
 bench-torch: build models $(BENCH_VENV)/.ready
 	$(BENCH_VENV)/bin/python benches/torch/compare.py
+
+# LoRA on a Llama-3.2-1B-shaped model (random weights, 5 GB): peak RSS and
+# tokens/s (benches/torch/lora_1b.py; after bench-torch).
+bench-lora-1b: build $(BENCH_VENV)/.ready
+	$(BENCH_VENV)/bin/python benches/torch/lora_1b.py
 
 $(BENCH_VENV)/.ready:
 	python3 -m venv $(BENCH_VENV)
