@@ -264,8 +264,8 @@ def main():
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['params'] / 1e6:.2f} M | {r['posttrain_tokens_per_s']:,.0f} | "
-            f"{r['pytorch_tokens_per_s']:,.0f} | {r['ratio']:.2f} | {r['posttrain_rss_mb']:,.0f} MB | "
-            f"{r['pytorch_rss_mb']:,.0f} MB |"
+            f"{r['pytorch_tokens_per_s']:,.0f} | {r['ratio']:.2f} | {r['posttrain_rss_mb']:,.0f} MiB | "
+            f"{r['pytorch_rss_mb']:,.0f} MiB |"
         )
     table = "\n".join(lines)
     open(os.path.join(OUT, "bench.md"), "w").write(table + "\n")

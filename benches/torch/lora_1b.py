@@ -106,7 +106,7 @@ train = { steps = 3, batch_size = 2, lr = 1e-4, warmup_steps = 0 }
         if p.returncode != 0:
             sys.exit(p.stderr[-3000:])
         rss_kb, secs = open(stats).read().split()[-2:]
-        print(f"{stage}: {float(secs):.0f} s, peak RSS {int(rss_kb) / 1024 / 1024:.1f} GB")
+        print(f"{stage}: {float(secs):.0f} s, peak RSS {int(rss_kb) / 1024 / 1024:.1f} GiB")
     t = pq.read_table(os.path.join(WORK, "results", "lora1b", "stages", "sft", "metrics.parquet"))
     rates = t.column("tokens_per_s").to_pylist()
     print(f"sft tokens/s per step: {[round(r, 1) for r in rates]} (median {statistics.median(rates):.1f})")
