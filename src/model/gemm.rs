@@ -321,54 +321,38 @@ fn columns<E: Scalar>(
         if apack.len() < asize {
             apack.resize(asize, E::default());
         }
-        blocks(m, j0, j1, ldc, k, a, b, c, accumulate, apack, bpack);
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
-fn blocks<E: Scalar>(
-    m: usize,
-    j0: usize,
-    j1: usize,
-    ldc: usize,
-    k: usize,
-    a: View<E>,
-    b: View<E>,
-    c: &mut [E],
-    accumulate: bool,
-    apack: &mut [E],
-    bpack: &mut [E],
-) {
-    let mut jc = j0;
-    while jc < j1 {
-        let nc = NC.min(j1 - jc);
-        let mut pc = 0;
-        while pc < k {
-            let kc = KC.min(k - pc);
-            pack_b(b, pc, kc, jc, nc, bpack);
-            // The first k-block writes C (unless accumulating), later ones add.
-            let add = accumulate || pc > 0;
-            let mut ic = 0;
-            while ic < m {
-                let mc = MC.min(m - ic);
-                pack_a(a, ic, mc, pc, kc, apack);
-                for jr in (0..nc).step_by(NR) {
-                    let nr = NR.min(nc - jr);
-                    let bp = &bpack[jr * kc..jr * kc + NR * kc];
-                    for ir in (0..mc).step_by(MR) {
-                        let mr = MR.min(mc - ir);
-                        let ap = &apack[ir * kc..ir * kc + MR * kc];
-                        let at = (ic + ir) * ldc + jc + jr;
-                        let end = at + (mr - 1) * ldc + nr;
-                        E::kernel(kc, ap, bp, &mut c[at..end], ldc, (mr, nr), add);
+        let (apack, bpack) = (&mut apack[..], &mut bpack[..]);
+        let mut jc = j0;
+        while jc < j1 {
+            let nc = NC.min(j1 - jc);
+            let mut pc = 0;
+            while pc < k {
+                let kc = KC.min(k - pc);
+                pack_b(b, pc, kc, jc, nc, bpack);
+                // The first k-block writes C (unless accumulating), later ones add.
+                let add = accumulate || pc > 0;
+                let mut ic = 0;
+                while ic < m {
+                    let mc = MC.min(m - ic);
+                    pack_a(a, ic, mc, pc, kc, apack);
+                    for jr in (0..nc).step_by(NR) {
+                        let nr = NR.min(nc - jr);
+                        let bp = &bpack[jr * kc..jr * kc + NR * kc];
+                        for ir in (0..mc).step_by(MR) {
+                            let mr = MR.min(mc - ir);
+                            let ap = &apack[ir * kc..ir * kc + MR * kc];
+                            let at = (ic + ir) * ldc + jc + jr;
+                            let end = at + (mr - 1) * ldc + nr;
+                            E::kernel(kc, ap, bp, &mut c[at..end], ldc, (mr, nr), add);
+                        }
                     }
+                    ic += mc;
                 }
-                ic += mc;
+                pc += kc;
             }
-            pc += kc;
+            jc += nc;
         }
-        jc += nc;
-    }
+    })
 }
 
 /// B[pc..pc+kc, jc..jc+nc] as NR-wide panels, each kc rows of NR values
