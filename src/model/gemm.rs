@@ -25,6 +25,7 @@ pub trait Scalar:
     + std::ops::Add<Output = Self>
     + std::ops::Mul<Output = Self>
     + std::ops::AddAssign
+    + 'static
 {
     /// The (mr x nr) block of C at the start of `c` (rows `ldc` apart)
     /// = (or += with `add`) sum over p of apack[p] (MR) outer bpack[p] (NR).
@@ -41,20 +42,36 @@ pub trait Scalar:
         kernel_portable(kc, ap, bp, &mut tile);
         write_tile(&tile, c, ldc, size, add);
     }
-    /// `f` with this thread's two packing buffers (reused across calls, so
-    /// a product allocates and zero-fills nothing once they have grown).
-    fn with_scratch<R>(f: impl FnOnce(&mut Vec<Self>, &mut Vec<Self>) -> R) -> R;
+    /// This thread's two packing buffers for the type (see [`with_scratch`]).
+    fn scratch() -> &'static std::thread::LocalKey<Scratch<Self>>;
     /// dot(row, cols[q]) for each q, summed as [`Scalar::dot4x4`] sums.
     fn dot1x4(row: &[Self], cols: [&[Self]; 4]) -> [Self; 4] {
-        std::array::from_fn(|q| dot_portable(row, cols[q]))
+        dot1x4_portable(row, cols)
     }
     /// dot(rows[r], cols[q]) for each r, q; all slices of one length.
     fn dot4x4(rows: [&[Self]; 4], cols: [&[Self]; 4]) -> [[Self; 4]; 4] {
-        std::array::from_fn(|r| std::array::from_fn(|q| dot_portable(rows[r], cols[q])))
+        dot4x4_portable(rows, cols)
     }
 }
 
-type Scratch<E> = std::cell::RefCell<(Vec<E>, Vec<E>)>;
+/// `f` with this thread's two packing buffers (reused across calls, so a
+/// product allocates and zero-fills nothing once they have grown).
+fn with_scratch<E: Scalar, R>(f: impl FnOnce(&mut Vec<E>, &mut Vec<E>) -> R) -> R {
+    E::scratch().with(|s| {
+        let (a, b) = &mut *s.borrow_mut();
+        f(a, b)
+    })
+}
+
+fn dot1x4_portable<E: Scalar>(row: &[E], cols: [&[E]; 4]) -> [E; 4] {
+    std::array::from_fn(|q| dot_portable(row, cols[q]))
+}
+
+fn dot4x4_portable<E: Scalar>(rows: [&[E]; 4], cols: [&[E]; 4]) -> [[E; 4]; 4] {
+    std::array::from_fn(|r| dot1x4_portable(rows[r], cols))
+}
+
+pub type Scratch<E> = std::cell::RefCell<(Vec<E>, Vec<E>)>;
 
 thread_local! {
     static SCRATCH_F32: Scratch<f32> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
@@ -62,11 +79,8 @@ thread_local! {
 }
 
 impl Scalar for f64 {
-    fn with_scratch<R>(f: impl FnOnce(&mut Vec<f64>, &mut Vec<f64>) -> R) -> R {
-        SCRATCH_F64.with(|s| {
-            let (a, b) = &mut *s.borrow_mut();
-            f(a, b)
-        })
+    fn scratch() -> &'static std::thread::LocalKey<Scratch<f64>> {
+        &SCRATCH_F64
     }
 }
 
@@ -90,11 +104,8 @@ fn write_tile<E: Scalar>(
 }
 
 impl Scalar for f32 {
-    fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
-        SCRATCH_F32.with(|s| {
-            let (a, b) = &mut *s.borrow_mut();
-            f(a, b)
-        })
+    fn scratch() -> &'static std::thread::LocalKey<Scratch<f32>> {
+        &SCRATCH_F32
     }
     #[inline]
     fn kernel(
@@ -129,7 +140,7 @@ impl Scalar for f32 {
             // SAFETY: AVX-512F is present (checked at run time).
             unsafe { dot1x4_avx512(row, cols) }
         } else {
-            std::array::from_fn(|q| dot_portable(row, cols[q]))
+            dot1x4_portable(row, cols)
         }
     }
     #[inline]
@@ -138,7 +149,7 @@ impl Scalar for f32 {
             // SAFETY: AVX-512F is present (checked at run time).
             unsafe { dot4x4_avx512(rows, cols) }
         } else {
-            std::array::from_fn(|r| std::array::from_fn(|q| dot_portable(rows[r], cols[q])))
+            dot4x4_portable(rows, cols)
         }
     }
 }
@@ -308,7 +319,7 @@ fn columns<E: Scalar>(
     c: &mut [E],
     accumulate: bool,
 ) {
-    E::with_scratch(|apack, bpack| {
+    with_scratch::<E, _>(|apack, bpack| {
         // Panels as large as this product needs (packing overwrites them).
         let kc_max = KC.min(k);
         let (bsize, asize) = (
@@ -528,12 +539,12 @@ unsafe fn dot1x4_avx512(row: &[f32], cols: [&[f32]; 4]) -> [f32; 4] {
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn dot1x4_avx512(row: &[f32], cols: [&[f32]; 4]) -> [f32; 4] {
-    std::array::from_fn(|q| dot_portable(row, cols[q]))
+    dot1x4_portable(row, cols)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn dot4x4_avx512(rows: [&[f32]; 4], cols: [&[f32]; 4]) -> [[f32; 4]; 4] {
-    std::array::from_fn(|r| std::array::from_fn(|q| dot_portable(rows[r], cols[q])))
+    dot4x4_portable(rows, cols)
 }
 
 /// The 12 x 32 block at `c` (rows `ldc` apart) = (or += with `add`) the

@@ -23,12 +23,15 @@ pub type T4<E, D, T> = Tensor<(usize, usize, usize, usize), E, D, T>;
 
 /// The model's fused ops; a device implements what it can fuse.
 pub trait Kernels<E: Dtype + From<f32>>: Device<E> {
-    /// x (B, S, K) @ w^T for a weight w (N, K): (B, S, N).
+    /// x (B, S, K) @ w^T for a weight w (N, K): (B, S, N). `frozen` (LoRA's
+    /// base weights): the gradient flows to x only, and none is computed
+    /// or stored for w.
     fn linear<T: Tape<E, Self> + Merge<T>>(
         x: T3<E, Self, T>,
         w: &Matrix<E, Self>,
+        frozen: bool,
     ) -> T3<E, Self, T> {
-        composite::linear(x, w)
+        composite::linear(x, w, frozen)
     }
 
     /// Run `f` (inference on `params`: no tape) with the weights' host
@@ -38,15 +41,6 @@ pub trait Kernels<E: Dtype + From<f32>>: Device<E> {
     fn with_weights_cached<R>(params: &LlamaParams<E, Self>, f: impl FnOnce() -> R) -> R {
         let _ = params;
         f()
-    }
-
-    /// [`Kernels::linear`] with `w` frozen (LoRA's base weights): the
-    /// gradient flows to x only, and none is computed or stored for w.
-    fn linear_frozen<T: Tape<E, Self> + Merge<T>>(
-        x: T3<E, Self, T>,
-        w: &Matrix<E, Self>,
-    ) -> T3<E, Self, T> {
-        composite::linear_frozen(x, w)
     }
 
     /// RMSNorm over the last axis with a (1, H) weight:
@@ -96,12 +90,7 @@ pub trait Kernels<E: Dtype + From<f32>>: Device<E> {
         frozen: bool,
         targets: &[usize],
     ) -> T2<E, Self, T> {
-        let logits = if frozen {
-            Self::linear_frozen(h, w)
-        } else {
-            Self::linear(h, w)
-        };
-        Self::gather_logprobs(logits, targets)
+        Self::gather_logprobs(Self::linear(h, w, frozen), targets)
     }
 
     /// `log_softmax(logits)[b, s, targets[b * S + s]]`: (B, S).
@@ -122,26 +111,21 @@ pub mod composite {
 
     /// As one (B·S, K) x (K, N) product: dfdx's batched-by-broadcast matmul
     /// runs one GEMM per batch row, each streaming the whole weight.
+    /// A frozen w enters untaped, so dfdx records no gradient for it.
     pub fn linear<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
         x: T3<E, D, T>,
         w: &Matrix<E, D>,
+        frozen: bool,
     ) -> T3<E, D, T> {
         let (b, s, k) = *x.shape();
         let n = w.shape().0;
-        x.reshape_like(&(b * s, k))
-            .matmul(w.retaped::<T>().permute::<_, Axes2<1, 0>>())
-            .reshape_like(&(b, s, n))
-    }
-
-    pub fn linear_frozen<E: Dtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
-        x: T3<E, D, T>,
-        w: &Matrix<E, D>,
-    ) -> T3<E, D, T> {
-        let (b, s, k) = *x.shape();
-        let n = w.shape().0;
-        x.reshape_like(&(b * s, k))
-            .matmul(w.clone().permute::<_, Axes2<1, 0>>())
-            .reshape_like(&(b, s, n))
+        let x = x.reshape_like(&(b * s, k));
+        let y = if frozen {
+            x.matmul(w.clone().permute::<_, Axes2<1, 0>>())
+        } else {
+            x.matmul(w.retaped::<T>().permute::<_, Axes2<1, 0>>())
+        };
+        y.reshape_like(&(b, s, n))
     }
 
     pub fn rms_norm<E: Dtype + From<f32>, D: Device<E>, T: Tape<E, D> + Merge<T>>(
@@ -247,7 +231,45 @@ mod weight_cache {
         f()
     }
 
-    pub fn get<E: 'static>(address: usize) -> Option<Rc<Vec<E>>> {
+    /// A weight's elements on the host: the cached copy when inference
+    /// (`taped` false) runs inside a scope that holds one, else a copy.
+    pub enum HostWeight<E> {
+        Cached(Rc<Vec<E>>),
+        Copied(Vec<E>),
+    }
+
+    impl<E> std::ops::Deref for HostWeight<E> {
+        type Target = [E];
+        fn deref(&self) -> &[E] {
+            match self {
+                HostWeight::Cached(v) => v,
+                HostWeight::Copied(v) => v,
+            }
+        }
+    }
+
+    impl<E: Clone> HostWeight<E> {
+        /// The elements as an owned vector (no copy for `Copied`).
+        pub fn into_vec(self) -> Vec<E> {
+            match self {
+                HostWeight::Cached(v) => v.as_ref().clone(),
+                HostWeight::Copied(v) => v,
+            }
+        }
+    }
+
+    pub fn host_weight<E: 'static>(
+        address: usize,
+        taped: bool,
+        copy: impl FnOnce() -> Vec<E>,
+    ) -> HostWeight<E> {
+        match get::<E>(address).filter(|_| !taped) {
+            Some(c) => HostWeight::Cached(c),
+            None => HostWeight::Copied(copy()),
+        }
+    }
+
+    fn get<E: 'static>(address: usize) -> Option<Rc<Vec<E>>> {
         CACHE.with(|c| {
             let c = c.borrow();
             let hit = c.as_ref()?.get(&address)?.clone();
@@ -279,6 +301,12 @@ macro_rules! cpu_kernels {
                 z.iter_mut().for_each(|x| *x *= inv);
             }
 
+            /// `w`'s elements on the host: [`weight_cache::host_weight`].
+            fn host_weight(w: &Matrix<E, Cpu>, taped: bool) -> weight_cache::HostWeight<E> {
+                let address = w as *const Matrix<E, Cpu> as usize;
+                weight_cache::host_weight(address, taped, || host(w))
+            }
+
             /// x w^T through [`gemm`]; with `train_w` false no gradient for w.
             fn linear_fused<T: Tape<E, Cpu> + Merge<T>>(
                 x: T3<E, Cpu, T>,
@@ -291,17 +319,9 @@ macro_rules! cpu_kernels {
                 let (x, mut tape) = x.reshape_like(&shape).split_tape();
                 let mut y = vec![E::zero(); m * n];
                 {
-                    let cached = weight_cache::get::<E>(w as *const Matrix<E, Cpu> as usize);
-                    let copied;
-                    let ws: &[E] = match &cached {
-                        Some(c) if !T::OWNS_TAPE => c,
-                        _ => {
-                            copied = host(w);
-                            &copied
-                        }
-                    };
+                    let ws = host_weight(w, T::OWNS_TAPE);
                     let xs = host(&x);
-                    let (xv, wt) = (View::row_major(&xs, k), View::transposed(ws, k));
+                    let (xv, wt) = (View::row_major(&xs, k), View::transposed(&ws, k));
                     gemm(m, n, k, xv, wt, &mut y, false);
                 }
                 let out = x.device().tensor_from_vec(y, (b, s, n));
@@ -346,22 +366,16 @@ macro_rules! cpu_kernels {
                 assert_eq!(targets.len(), m, "one target per position");
                 let (h, mut tape) = h.reshape_like(&shape).split_tape();
                 let hs = host(&h);
-                let cached = weight_cache::get::<E>(w as *const Matrix<E, Cpu> as usize);
-                let ws: Vec<E> = match &cached {
-                    Some(c) if !T::OWNS_TAPE => Vec::new(),
-                    _ => host(w),
-                };
-                let wv: &[E] = match &cached {
-                    Some(c) if !T::OWNS_TAPE => c,
-                    _ => &ws,
-                };
+                // Under a tape always a copy (HostWeight::Copied), which the
+                // backward then owns.
+                let ws = host_weight(w, T::OWNS_TAPE);
                 let mut buf = vec![E::zero(); LM_HEAD_ROWS.min(m) * v];
                 let (mut out, mut lse) = (Vec::with_capacity(m), Vec::with_capacity(m));
                 for r0 in (0..m).step_by(LM_HEAD_ROWS) {
                     let rows = LM_HEAD_ROWS.min(m - r0);
                     let chunk = &mut buf[..rows * v];
                     let hc = View::row_major(&hs[r0 * k..(r0 + rows) * k], k);
-                    gemm(rows, v, k, hc, View::transposed(wv, k), chunk, false);
+                    gemm(rows, v, k, hc, View::transposed(&ws, k), chunk, false);
                     for (row, &t) in chunk.chunks_exact_mut(v).zip(&targets[r0..r0 + rows]) {
                         let max = lanes::max(row);
                         let target = row[t];
@@ -375,6 +389,7 @@ macro_rules! cpu_kernels {
                 let out = h.device().tensor_from_vec(out, (b, s));
                 if T::OWNS_TAPE {
                     let targets = targets.to_vec();
+                    let ws: Vec<E> = ws.into_vec();
                     let (h_id, w_id, out_id) = (h.ghost(), w.ghost(), out.ghost());
                     tape.add_backward_op(move |grads| {
                         let g = grads.get_or_alloc_mut(&out_id)?.to_vec();
@@ -443,15 +458,9 @@ macro_rules! cpu_kernels {
                 fn linear<T: Tape<E, Self> + Merge<T>>(
                     x: T3<E, Self, T>,
                     w: &Matrix<E, Self>,
+                    frozen: bool,
                 ) -> T3<E, Self, T> {
-                    linear_fused(x, w, true)
-                }
-
-                fn linear_frozen<T: Tape<E, Self> + Merge<T>>(
-                    x: T3<E, Self, T>,
-                    w: &Matrix<E, Self>,
-                ) -> T3<E, Self, T> {
-                    linear_fused(x, w, false)
+                    linear_fused(x, w, !frozen)
                 }
 
                 fn rms_norm<T: Tape<E, Self> + Merge<T>>(
@@ -884,8 +893,8 @@ mod tests {
                 &[&x],
                 &[&w],
                 &probe,
-                &|mut v| Cpu::linear(v.remove(0), &w),
-                &|mut v| composite::linear(v.remove(0), &w),
+                &|mut v| Cpu::linear(v.remove(0), &w, false),
+                &|mut v| composite::linear(v.remove(0), &w, false),
             );
         }
     }
@@ -901,10 +910,10 @@ mod tests {
             &[&x],
             &[],
             &probe,
-            &|mut v| Cpu::linear_frozen(v.remove(0), &w),
-            &|mut v| composite::linear_frozen(v.remove(0), &w),
+            &|mut v| Cpu::linear(v.remove(0), &w, true),
+            &|mut v| composite::linear(v.remove(0), &w, true),
         );
-        let out = Cpu::linear_frozen(x.trace(Gradients::leaky()), &w);
+        let out = Cpu::linear(x.trace(Gradients::leaky()), &w, true);
         let mut grads = (out * probe.clone()).sum().backward();
         // Allocates zeros only where no gradient was written.
         grads.try_alloc_for(&w).unwrap();
@@ -942,12 +951,7 @@ mod tests {
                 &probe,
                 &|mut v| Cpu::lm_head_logprobs(v.remove(0), &w, frozen, &targets),
                 &|mut v| {
-                    let h = v.remove(0);
-                    let logits = if frozen {
-                        composite::linear_frozen(h, &w)
-                    } else {
-                        composite::linear(h, &w)
-                    };
+                    let logits = composite::linear(v.remove(0), &w, frozen);
                     composite::gather_logprobs(logits, &targets)
                 },
             );

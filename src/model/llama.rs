@@ -161,26 +161,12 @@ impl<E: Dtype + From<f32>, D: Device<E>> Rope<E, D> {
     }
 }
 
-/// x (B, S, K) @ w^T for a weight w (N, K): (B, S, N).
+/// x (B, S, K) @ w^T for a weight w (N, K) that trains: (B, S, N).
 pub(crate) fn linear<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>(
     x: T3<E, D, T>,
     w: &Matrix<E, D>,
 ) -> T3<E, D, T> {
-    D::linear(x, w)
-}
-
-/// [`linear`] for a weight that trains (`frozen` false) or not (LoRA's
-/// base weights: no gradient is computed or stored for them).
-fn linear_maybe_frozen<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>(
-    x: T3<E, D, T>,
-    w: &Matrix<E, D>,
-    frozen: bool,
-) -> T3<E, D, T> {
-    if frozen {
-        D::linear_frozen(x, w)
-    } else {
-        D::linear(x, w)
-    }
+    D::linear(x, w, false)
 }
 
 /// x @ w^T + b for a bias b (1, N) when the layer has one; `frozen`: no
@@ -191,7 +177,7 @@ fn linear_bias<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>(
     b: Option<&Matrix<E, D>>,
     frozen: bool,
 ) -> T3<E, D, T> {
-    let y = linear_maybe_frozen(x, w, frozen);
+    let y = D::linear(x, w, frozen);
     match b {
         None => y,
         Some(b) => {
@@ -400,7 +386,7 @@ where
 {
     let h = hidden_states(params, batch, tape);
     let head = params.lm_head.as_ref().unwrap_or(&params.embed_tokens);
-    linear_maybe_frozen(h, head, params.has_lora())
+    D::linear(h, head, params.has_lora())
 }
 
 /// log p(ids[t+1] | ids[..=t]) at column t: (B, S). The last column has
