@@ -15,6 +15,7 @@ use dfdx::prelude::*;
 use num_traits::{One, Zero};
 
 use super::gemm::{gemm, View};
+use super::host_ops::lanes;
 use super::llama::{Rope, T2, T3};
 use super::params::Matrix;
 use super::LlamaParams;
@@ -41,6 +42,17 @@ pub trait Kernels<E: Dtype + From<f32>>: Device<E> {
     fn with_weights_cached<R>(params: &LlamaParams<E, Self>, f: impl FnOnce() -> R) -> R {
         let _ = params;
         f()
+    }
+
+    /// Every decoder layer of `params`, then the final RMSNorm, over the
+    /// embedded tokens x (B, S, H) with the batch's constants `c`. The CPU
+    /// runs the whole stack as one op (`model::decoder`).
+    fn decoder<T: Tape<E, Self> + Merge<T> + Merge<NoneTape>>(
+        x: T3<E, Self, T>,
+        params: &LlamaParams<E, Self>,
+        c: &Rope<E, Self>,
+    ) -> T3<E, Self, T> {
+        super::llama::decoder_layers(x, params, c)
     }
 
     /// RMSNorm over the last axis with a (1, H) weight:
@@ -463,6 +475,14 @@ macro_rules! cpu_kernels {
                     linear_fused(x, w, !frozen)
                 }
 
+                fn decoder<T: Tape<E, Self> + Merge<T> + Merge<NoneTape>>(
+                    x: T3<E, Self, T>,
+                    params: &LlamaParams<E, Self>,
+                    c: &Rope<E, Self>,
+                ) -> T3<E, Self, T> {
+                    super::super::decoder::decoder(x, params, c)
+                }
+
                 fn rms_norm<T: Tape<E, Self> + Merge<T>>(
                     x: T3<E, Self, T>,
                     w: &Matrix<E, Self>,
@@ -700,61 +720,13 @@ cpu_kernels!(cpu_f32, f32, fast_exp);
 cpu_kernels!(cpu_f64, f64, f64::exp);
 
 /// The elements of a contiguous CPU tensor: a memcpy of its buffer.
-fn host<S: Shape, E: Dtype + Zero, T>(t: &Tensor<S, E, Cpu, T>) -> Vec<E>
+pub(super) fn host<S: Shape, E: Dtype + Zero, T>(t: &Tensor<S, E, Cpu, T>) -> Vec<E>
 where
     Cpu: CopySlice<E>,
 {
     let mut v = vec![E::zero(); t.shape().num_elements()];
     t.copy_into(&mut v);
     v
-}
-
-/// Reductions in 8 independent lanes: a sequential float sum cannot be
-/// vectorized (addition is not associative), eight partial sums can.
-mod lanes {
-    use num_traits::Float;
-
-    pub fn sum<E: Float>(v: &[E]) -> E {
-        let mut acc = [E::zero(); 8];
-        let chunks = v.chunks_exact(8);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for i in 0..8 {
-                acc[i] = acc[i] + c[i];
-            }
-        }
-        rest.iter()
-            .fold(acc.iter().fold(E::zero(), |a, &b| a + b), |a, &b| a + b)
-    }
-
-    pub fn dot<E: Float>(a: &[E], b: &[E]) -> E {
-        assert_eq!(a.len(), b.len());
-        let mut acc = [E::zero(); 8];
-        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-        let tail = ca.remainder().iter().zip(cb.remainder());
-        let tail = tail.fold(E::zero(), |s, (&x, &y)| s + x * y);
-        for (x, y) in ca.zip(cb) {
-            for i in 0..8 {
-                acc[i] = acc[i] + x[i] * y[i];
-            }
-        }
-        acc.iter().fold(tail, |s, &v| s + v)
-    }
-
-    pub fn max<E: Float>(v: &[E]) -> E {
-        let mut acc = [E::neg_infinity(); 8];
-        let chunks = v.chunks_exact(8);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for i in 0..8 {
-                acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
-            }
-        }
-        let m = acc
-            .iter()
-            .fold(E::neg_infinity(), |m, &x| if x > m { x } else { m });
-        rest.iter().fold(m, |m, &x| if x > m { x } else { m })
-    }
 }
 
 /// e^x in f32 to within 2 ulp, as Cephes' expf computes it (x = n ln 2 + r,

@@ -104,7 +104,7 @@ const MASKED: f32 = -1e9;
 
 impl<E: Dtype + From<f32>, D: Device<E>> Rope<E, D> {
     /// Constants for a whole batch: causal attention over real tokens.
-    fn new(params: &LlamaParams<E, D>, batch: &TokenBatch, dev: &D) -> Self {
+    pub(crate) fn new(params: &LlamaParams<E, D>, batch: &TokenBatch, dev: &D) -> Self {
         let (b, s) = (batch.batch, batch.seq);
         let mut visible = Vec::with_capacity(b * s * s);
         for row in 0..b {
@@ -359,18 +359,33 @@ where
     T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
 {
     let dev = params.embed_tokens.device().clone();
-    let eps = params.config.rms_norm_eps;
     let consts = Rope::new(params, batch, &dev);
     let ids = dev.tensor_from_vec(batch.ids.clone(), (batch.batch, batch.seq));
     // A LoRA model's embeddings are frozen: the tape starts after them.
-    let mut x: T3<E, D, T> = if params.has_lora() {
+    let x: T3<E, D, T> = if params.has_lora() {
         params.embed_tokens.clone().gather(ids).put_tape(tape)
     } else {
         params.embed_tokens.clone().put_tape(tape).gather(ids)
     };
+    D::decoder(x, params, &consts)
+}
+
+/// Every layer, then the final RMSNorm, op by op: [`Kernels::decoder`]
+/// on devices without a fused stack.
+pub(crate) fn decoder_layers<E, D, T>(
+    mut x: T3<E, D, T>,
+    params: &LlamaParams<E, D>,
+    consts: &Rope<E, D>,
+) -> T3<E, D, T>
+where
+    E: Dtype + From<f32>,
+    D: Kernels<E>,
+    T: Tape<E, D> + Merge<T> + Merge<NoneTape>,
+{
+    let eps = params.config.rms_norm_eps;
     for layer in &params.layers {
         let normed = D::rms_norm(x.retaped::<T>(), &layer.input_layernorm, eps);
-        x = x + attention(normed, layer, params, &consts);
+        x = x + attention(normed, layer, params, consts);
         let normed = D::rms_norm(x.retaped::<T>(), &layer.post_attention_layernorm, eps);
         x = x + mlp(normed, layer);
     }

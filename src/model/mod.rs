@@ -5,10 +5,12 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
+pub mod decoder;
 pub mod frozen;
 pub mod gemm;
 pub mod generate;
 pub mod gguf_checkpoint;
+pub mod host_ops;
 pub mod kernels;
 pub mod llama;
 pub mod lora;
