@@ -224,7 +224,7 @@ pub(crate) fn gradients<D: TakeGrad>(
 /// A parameter's gradient out of dfdx's `Gradients` (a zero gradient for a
 /// parameter the loss does not reach): the CPU moves the buffer out as it
 /// is; other devices copy it.
-pub trait TakeGrad: Device<f32> {
+pub trait TakeGrad: optim::OptimDevice {
     fn take_grad(grads: &mut Gradients<f32, Self>, t: &Matrix<f32, Self>) -> Matrix<f32, Self> {
         grads.try_alloc_for(t).expect("allocate a gradient");
         grads.get(t)
@@ -244,7 +244,7 @@ impl TakeGrad for dfdx::tensor::Cuda {}
 
 /// Clip `grads` by their global norm (`s.max_grad_norm`) and take one
 /// AdamW step; returns the norm before clipping.
-pub(crate) fn clipped_step<D: Device<f32>>(
+pub(crate) fn clipped_step<D: optim::OptimDevice>(
     opt: &mut AdamW<D>,
     params: &mut LlamaParams<f32, D>,
     grads: Vec<Matrix<f32, D>>,
