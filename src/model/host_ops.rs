@@ -8,6 +8,7 @@
 
 use dfdx::prelude::Dtype;
 use num_traits::Float;
+use rayon::prelude::*;
 
 use super::gemm::Scalar;
 
@@ -36,17 +37,30 @@ impl HostFloat for f64 {
     }
 }
 
+/// Rows per parallel task of the row-wise ops, and elements per task of
+/// the element-wise ones: fixed, so results do not depend on the number
+/// of threads (inside a training worker's one-thread pool they run in order).
+const ROWS: usize = 16;
+const ELEMS: usize = 8192;
+
 /// RMSNorm of each `width`-wide row: `x / sqrt(mean(x^2) + eps) * w`,
 /// and each row's `1 / sqrt(mean(x^2) + eps)` for the backward.
 pub fn rms_forward<E: HostFloat>(x: &[E], w: &[E], width: usize, eps: f64) -> (Vec<E>, Vec<E>) {
     let (eps, n) = (E::of(eps), E::of(width as f64));
-    let mut inv = Vec::with_capacity(x.len() / width);
-    let mut y = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(width) {
-        let r = (lanes::dot(row, row) / n + eps).sqrt().recip();
-        inv.push(r);
-        y.extend(row.iter().zip(w).map(|(&v, &wc)| v * r * wc));
-    }
+    let mut inv = vec![E::zero(); x.len() / width];
+    let mut y = vec![E::zero(); x.len()];
+    let blocks = y.par_chunks_mut(width * ROWS).zip(inv.par_chunks_mut(ROWS));
+    blocks
+        .zip(x.par_chunks(width * ROWS))
+        .for_each(|((yb, ib), xb)| {
+            let rows = yb.chunks_exact_mut(width).zip(xb.chunks_exact(width));
+            for ((yr, xr), r) in rows.zip(ib) {
+                *r = (lanes::dot(xr, xr) / n + eps).sqrt().recip();
+                for ((o, &v), &wc) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = v * *r * wc;
+                }
+            }
+        });
     (y, inv)
 }
 
@@ -59,21 +73,37 @@ pub fn rms_backward<E: HostFloat>(
     w: &[E],
     width: usize,
     gx: &mut [E],
-    mut gw: Option<&mut [E]>,
+    gw: Option<&mut [E]>,
 ) {
     let n = E::of(width as f64);
-    let rows = x.chunks_exact(width).zip(gy.chunks_exact(width));
-    for ((&r, (xr, gr)), gxr) in inv.iter().zip(rows).zip(gx.chunks_exact_mut(width)) {
-        // d/dx_k = g_k w_k r - x_k r^3 / H * sum_c g_c w_c x_c
-        let dot = (0..width).fold(E::zero(), |a, c| a + gr[c] * w[c] * xr[c]);
-        let k = r * r * r * dot / n;
-        for c in 0..width {
-            gxr[c] += gr[c] * w[c] * r - xr[c] * k;
-        }
-        if let Some(gw) = gw.as_deref_mut() {
-            for c in 0..width {
-                gw[c] += gr[c] * xr[c] * r;
+    let want_w = gw.is_some();
+    let blocks = gx.par_chunks_mut(width * ROWS).zip(inv.par_chunks(ROWS));
+    let inputs = x.par_chunks(width * ROWS).zip(gy.par_chunks(width * ROWS));
+    // Each block's part of the weight gradient, summed below in block order.
+    let parts: Vec<Vec<E>> = blocks
+        .zip(inputs)
+        .map(|((gxb, ib), (xb, gb))| {
+            let mut part = vec![E::zero(); if want_w { width } else { 0 }];
+            let rows = xb.chunks_exact(width).zip(gb.chunks_exact(width));
+            for ((&r, (xr, gr)), gxr) in ib.iter().zip(rows).zip(gxb.chunks_exact_mut(width)) {
+                // d/dx_k = g_k w_k r - x_k r^3 / H * sum_c g_c w_c x_c
+                let dot = (0..width).fold(E::zero(), |a, c| a + gr[c] * w[c] * xr[c]);
+                let k = r * r * r * dot / n;
+                for c in 0..width {
+                    gxr[c] += gr[c] * w[c] * r - xr[c] * k;
+                }
+                if want_w {
+                    for c in 0..width {
+                        part[c] += gr[c] * xr[c] * r;
+                    }
+                }
             }
+            part
+        })
+        .collect();
+    if let Some(gw) = gw {
+        for part in parts {
+            add_assign(gw, &part);
         }
     }
 }
@@ -84,64 +114,71 @@ fn sigmoid<E: HostFloat>(x: E) -> E {
 
 /// `silu(gate) * up`.
 pub fn swiglu_forward<E: HostFloat>(gate: &[E], up: &[E]) -> Vec<E> {
-    gate.iter()
-        .zip(up)
-        .map(|(&g, &u)| g * sigmoid(g) * u)
-        .collect()
+    let mut out = vec![E::zero(); gate.len()];
+    let inputs = gate.par_chunks(ELEMS).zip(up.par_chunks(ELEMS));
+    out.par_chunks_mut(ELEMS)
+        .zip(inputs)
+        .for_each(|(o, (g, u))| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+    out
 }
 
 /// The gradients of gate and up from the output gradient `gy` (returned,
 /// not added: each has one use).
 pub fn swiglu_backward<E: HostFloat>(gy: &[E], gate: &[E], up: &[E]) -> (Vec<E>, Vec<E>) {
-    let mut dg = Vec::with_capacity(gy.len());
-    let mut du = Vec::with_capacity(gy.len());
-    for ((&o, &x), &u) in gy.iter().zip(gate).zip(up) {
-        let s = sigmoid(x);
-        // silu'(x) = s (1 + x (1 - s)), s = sigmoid(x)
-        dg.push(o * u * s * (E::one() + x * (E::one() - s)));
-        du.push(o * x * s);
-    }
+    let mut dg = vec![E::zero(); gy.len()];
+    let mut du = vec![E::zero(); gy.len()];
+    let outs = dg.par_chunks_mut(ELEMS).zip(du.par_chunks_mut(ELEMS));
+    let inputs = gy
+        .par_chunks(ELEMS)
+        .zip(gate.par_chunks(ELEMS).zip(up.par_chunks(ELEMS)));
+    outs.zip(inputs).for_each(|((dg, du), (gy, (gate, up)))| {
+        for (((dg, du), &o), (&x, &u)) in dg.iter_mut().zip(du).zip(gy).zip(gate.iter().zip(up)) {
+            let s = sigmoid(x);
+            // silu'(x) = s (1 + x (1 - s)), s = sigmoid(x)
+            *dg = o * u * s * (E::one() + x * (E::one() - s));
+            *du = o * x * s;
+        }
+    });
     (dg, du)
 }
 
 /// Rotary embedding (Hugging Face `rotate_half`) in place over rows of
 /// `heads` heads of `hd`; `cos`/`sin` hold one `hd`-wide row per token.
 pub fn rope_forward<E: HostFloat>(x: &mut [E], cos: &[E], sin: &[E], heads: usize, hd: usize) {
-    let half = hd / 2;
-    let mut tmp = vec![E::zero(); hd];
-    for (i, head) in x.chunks_exact_mut(hd).enumerate() {
-        let at = (i / heads) * hd;
-        let (cs, sn) = (&cos[at..at + hd], &sin[at..at + hd]);
-        tmp.copy_from_slice(head);
-        for j in 0..hd {
-            let rotated = if j < half {
-                -tmp[j + half]
-            } else {
-                tmp[j - half]
-            };
-            head[j] = tmp[j] * cs[j] + rotated * sn[j];
-        }
-    }
+    rope_rows(x, cos, sin, heads, hd, false);
 }
 
 /// The rotary embedding's input gradient in place of its output gradient.
 pub fn rope_backward<E: HostFloat>(g: &mut [E], cos: &[E], sin: &[E], heads: usize, hd: usize) {
+    rope_rows(g, cos, sin, heads, hd, true);
+}
+
+/// y = x cos + rotate_half(x) sin per head (forward), or its transpose
+/// g cos + rotate_half^T(g sin) = [g2 sin2, -g1 sin1] (`back`), in place.
+fn rope_rows<E: HostFloat>(x: &mut [E], cos: &[E], sin: &[E], heads: usize, hd: usize, back: bool) {
     let half = hd / 2;
-    let mut tmp = vec![E::zero(); hd];
-    for (i, head) in g.chunks_exact_mut(hd).enumerate() {
-        let at = (i / heads) * hd;
-        let (cs, sn) = (&cos[at..at + hd], &sin[at..at + hd]);
-        tmp.copy_from_slice(head);
-        // rotate_half^T (g sin) = [g2 sin2, -g1 sin1]
-        for j in 0..hd {
-            let back = if j < half {
-                tmp[j + half] * sn[j + half]
-            } else {
-                -tmp[j - half] * sn[j - half]
-            };
-            head[j] = tmp[j] * cs[j] + back;
+    let tokens = x.par_chunks_mut(heads * hd * ROWS);
+    tokens.enumerate().for_each(|(blk, xb)| {
+        let mut tmp = vec![E::zero(); hd];
+        for (i, head) in xb.chunks_exact_mut(hd).enumerate() {
+            let at = (blk * ROWS + i / heads) * hd;
+            let (cs, sn) = (&cos[at..at + hd], &sin[at..at + hd]);
+            tmp.copy_from_slice(head);
+            for j in 0..hd {
+                let other = match (back, j < half) {
+                    (false, true) => -tmp[j + half] * sn[j],
+                    (false, false) => tmp[j - half] * sn[j],
+                    (true, true) => tmp[j + half] * sn[j + half],
+                    (true, false) => -tmp[j - half] * sn[j - half],
+                };
+                head[j] = tmp[j] * cs[j] + other;
+            }
         }
-    }
+    });
 }
 
 /// Softmax of a row in place; exp of each entry minus the row's maximum.
@@ -163,7 +200,13 @@ pub fn softmax_backward_in_place<E: HostFloat>(g: &mut [E], p: &[E], scale: E) {
 
 /// `acc += x`, element by element.
 pub fn add_assign<E: HostFloat>(acc: &mut [E], x: &[E]) {
-    acc.iter_mut().zip(x).for_each(|(a, &b)| *a += b);
+    if acc.len() <= ELEMS {
+        acc.iter_mut().zip(x).for_each(|(a, &b)| *a += b);
+        return;
+    }
+    acc.par_chunks_mut(ELEMS)
+        .zip(x.par_chunks(ELEMS))
+        .for_each(|(a, x)| a.iter_mut().zip(x).for_each(|(a, &b)| *a += b));
 }
 
 /// Reductions in 8 independent lanes: a sequential float sum cannot be
