@@ -304,14 +304,17 @@ struct Consts<E: HostFloat> {
     bias: Vec<E>,
 }
 
+/// q or k before a per-head norm, with its inverse RMS (None: no norm).
+type PreNorm<E> = Option<(Vec<E>, Vec<E>)>;
+
 /// What a layer's backward needs of its forward.
 struct Saved<E: HostFloat> {
     /// The layer's input and its input norm's inverse RMS.
     x: Vec<E>,
     r1: Vec<E>,
     /// Queries and keys before the per-head norm, with its inverse RMS.
-    q_pre: Option<(Vec<E>, Vec<E>)>,
-    k_pre: Option<(Vec<E>, Vec<E>)>,
+    q_pre: PreNorm<E>,
+    k_pre: PreNorm<E>,
     /// Queries and keys after the rotary embedding; values.
     q: Vec<E>,
     k: Vec<E>,
@@ -332,11 +335,7 @@ struct Saved<E: HostFloat> {
 
 /// Per-head RMSNorm of q or k (rows of `hd`): normed values, and the input
 /// with its inverse RMS when the layer has the norm.
-fn head_norm<E: CpuFloat>(
-    x: Vec<E>,
-    norm: Option<&Norm<E>>,
-    d: &Dims,
-) -> (Vec<E>, Option<(Vec<E>, Vec<E>)>)
+fn head_norm<E: CpuFloat>(x: Vec<E>, norm: Option<&Norm<E>>, d: &Dims) -> (Vec<E>, PreNorm<E>)
 where
     Cpu: Device<E>,
 {
@@ -504,7 +503,7 @@ where
     let a = ops::swiglu_forward(&gate, &up);
     let (mut x2, xa_d) = l.down.forward(&a, m);
     ops::add_assign(&mut x2, &x1);
-    let saved = keep.then(|| Saved {
+    let saved = keep.then_some(Saved {
         x,
         r1,
         q_pre,
@@ -658,6 +657,7 @@ mod tests {
     use crate::model::{LlamaConfig, TokenBatch};
 
     type P = LlamaParams<f64, Cpu>;
+    type Traced = T3<f64, Cpu, OwnedTape<f64, Cpu>>;
 
     fn config() -> LlamaConfig {
         let mut cfg = LlamaConfig::tiny(11, 8, 2, 4, 2);
@@ -712,10 +712,7 @@ mod tests {
     fn run(
         p: &P,
         batch: &TokenBatch,
-        stack: &dyn Fn(
-            T3<f64, Cpu, OwnedTape<f64, Cpu>>,
-            &Rope<f64, Cpu>,
-        ) -> T3<f64, Cpu, OwnedTape<f64, Cpu>>,
+        stack: &dyn Fn(Traced, &Rope<f64, Cpu>) -> Traced,
     ) -> (Vec<f64>, Vec<Vec<f64>>) {
         let dev = Cpu::default();
         let c = Rope::new(p, batch, &dev);

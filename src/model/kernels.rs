@@ -12,10 +12,10 @@
 //! backward, and the model's gradient check runs through the fused ones.
 
 use dfdx::prelude::*;
-use num_traits::{One, Zero};
+use num_traits::Zero;
 
 use super::gemm::{gemm, View};
-use super::host_ops::lanes;
+use super::host_ops::{self as ops, lanes};
 use super::llama::{Rope, T2, T3};
 use super::params::Matrix;
 use super::LlamaParams;
@@ -305,14 +305,6 @@ macro_rules! cpu_kernels {
                 $exp(x)
             }
 
-            /// Softmax of a row; exp of each entry minus the row's maximum.
-            fn softmax_in_place(z: &mut [E]) {
-                let max = lanes::max(z);
-                z.iter_mut().for_each(|x| *x = exp(*x - max));
-                let inv = lanes::sum(z).recip();
-                z.iter_mut().for_each(|x| *x *= inv);
-            }
-
             /// `w`'s elements on the host: [`weight_cache::host_weight`].
             fn host_weight(w: &Matrix<E, Cpu>, taped: bool) -> weight_cache::HostWeight<E> {
                 let address = w as *const Matrix<E, Cpu> as usize;
@@ -493,15 +485,7 @@ macro_rules! cpu_kernels {
                     let (x, mut tape) = x.reshape_like(&shape).split_tape();
                     let xs = host(&x);
                     let ws = host(w);
-                    let (eps, hn) = (constant::<E>(eps), constant::<E>(h as f64));
-                    let mut inv = Vec::with_capacity(xs.len() / h);
-                    let mut y = Vec::with_capacity(xs.len());
-                    for row in xs.chunks_exact(h) {
-                        let ms = lanes::dot(row, row) / hn;
-                        let r = (ms + eps).sqrt().recip();
-                        inv.push(r);
-                        y.extend(row.iter().zip(&ws).map(|(&v, &wc)| v * r * wc));
-                    }
+                    let (y, inv) = ops::rms_forward(&xs, &ws, h, eps);
                     let out = x.device().tensor_from_vec(y, shape);
                     if T::OWNS_TAPE {
                         let (x_id, w_id, out_id) = (x.ghost(), w.ghost(), out.ghost());
@@ -509,22 +493,8 @@ macro_rules! cpu_kernels {
                             let g = grads.get_or_alloc_mut(&out_id)?.to_vec();
                             let mut gw = vec![E::zero(); h];
                             let gx = grads.get_or_alloc_mut(&x_id)?;
-                            let rows = xs.chunks_exact(h).zip(g.chunks_exact(h));
-                            for ((r, (xr, gr)), gxr) in
-                                inv.iter().zip(rows).zip(gx.chunks_exact_mut(h))
-                            {
-                                // d/dx_k = g_k w_k r - x_k r^3 / H * sum_c g_c w_c x_c
-                                let dot = (0..h).fold(E::zero(), |a, c| a + gr[c] * ws[c] * xr[c]);
-                                let k = *r * *r * *r * dot / hn;
-                                for c in 0..h {
-                                    gxr[c] += gr[c] * ws[c] * *r - xr[c] * k;
-                                    gw[c] += gr[c] * xr[c] * *r;
-                                }
-                            }
-                            let gwv = grads.get_or_alloc_mut(&w_id)?;
-                            for (a, b) in gwv.iter_mut().zip(gw) {
-                                *a += b;
-                            }
+                            ops::rms_backward(&g, &xs, &inv, &ws, h, gx, Some(&mut gw));
+                            ops::add_assign(grads.get_or_alloc_mut(&w_id)?, &gw);
                             Ok(())
                         });
                     }
@@ -540,32 +510,15 @@ macro_rules! cpu_kernels {
                     let (up, up_tape) = up.reshape_like(&shape).split_tape();
                     let mut tape = gate_tape.merge(up_tape);
                     let (gs, us) = (host(&gate), host(&up));
-                    let sig: Vec<E> = gs
-                        .iter()
-                        .map(|&g| E::one() / (E::one() + exp(-g)))
-                        .collect();
-                    let y = gs
-                        .iter()
-                        .zip(&sig)
-                        .zip(&us)
-                        .map(|((&g, &s), &u)| g * s * u)
-                        .collect();
+                    let y = ops::swiglu_forward(&gs, &us);
                     let out = gate.device().tensor_from_vec(y, shape);
                     if T::OWNS_TAPE {
                         let (gate_id, up_id, out_id) = (gate.ghost(), up.ghost(), out.ghost());
                         tape.add_backward_op(move |grads| {
                             let g = grads.get_or_alloc_mut(&out_id)?.to_vec();
-                            let gg = grads.get_or_alloc_mut(&gate_id)?;
-                            let inputs = gs.iter().zip(&sig).zip(&us);
-                            for ((d, &o), ((&x, &s), &u)) in gg.iter_mut().zip(&g).zip(inputs) {
-                                // silu'(x) = s (1 + x (1 - s)), s = sigmoid(x)
-                                *d += o * u * s * (E::one() + x * (E::one() - s));
-                            }
-                            let gu = grads.get_or_alloc_mut(&up_id)?;
-                            let inputs = gs.iter().zip(&sig);
-                            for (d, (&o, (&x, &s))) in gu.iter_mut().zip(g.iter().zip(inputs)) {
-                                *d += o * x * s;
-                            }
+                            let (dg, du) = ops::swiglu_backward(&g, &gs, &us);
+                            ops::add_assign(grads.get_or_alloc_mut(&gate_id)?, &dg);
+                            ops::add_assign(grads.get_or_alloc_mut(&up_id)?, &du);
                             Ok(())
                         });
                     }
@@ -578,45 +531,17 @@ macro_rules! cpu_kernels {
                 ) -> T4<E, Self, T> {
                     let shape = *x.shape();
                     let (_, _, n, hd) = shape;
-                    let half = hd / 2;
                     let (x, mut tape) = x.reshape_like(&shape).split_tape();
-                    let xs = host(&x);
+                    let mut y = host(&x);
                     let (cos, sin) = (host(&c.cos), host(&c.sin));
-                    let mut y = Vec::with_capacity(xs.len());
-                    for (i, head) in xs.chunks_exact(hd).enumerate() {
-                        // cos/sin are per (batch, position): shared by the n heads.
-                        let at = (i / n) * hd;
-                        let (cs, sn) = (&cos[at..at + hd], &sin[at..at + hd]);
-                        for j in 0..hd {
-                            let rotated = if j < half {
-                                -head[j + half]
-                            } else {
-                                head[j - half]
-                            };
-                            y.push(head[j] * cs[j] + rotated * sn[j]);
-                        }
-                    }
+                    ops::rope_forward(&mut y, &cos, &sin, n, hd);
                     let out = x.device().tensor_from_vec(y, shape);
                     if T::OWNS_TAPE {
                         let (x_id, out_id) = (x.ghost(), out.ghost());
                         tape.add_backward_op(move |grads| {
-                            let g = grads.get_or_alloc_mut(&out_id)?.to_vec();
-                            let gx = grads.get_or_alloc_mut(&x_id)?;
-                            for (i, (gh, gxh)) in
-                                g.chunks_exact(hd).zip(gx.chunks_exact_mut(hd)).enumerate()
-                            {
-                                let at = (i / n) * hd;
-                                let (cs, sn) = (&cos[at..at + hd], &sin[at..at + hd]);
-                                // rotate_half^T (g sin) = [g2 sin2, -g1 sin1]
-                                for j in 0..hd {
-                                    let back = if j < half {
-                                        gh[j + half] * sn[j + half]
-                                    } else {
-                                        -gh[j - half] * sn[j - half]
-                                    };
-                                    gxh[j] += gh[j] * cs[j] + back;
-                                }
-                            }
+                            let mut g = grads.get_or_alloc_mut(&out_id)?.to_vec();
+                            ops::rope_backward(&mut g, &cos, &sin, n, hd);
+                            ops::add_assign(grads.get_or_alloc_mut(&x_id)?, &g);
                             Ok(())
                         });
                     }
@@ -643,7 +568,7 @@ macro_rules! cpu_kernels {
                         // A masked key (bias -1e9) underflows to exactly 0.
                         let start = p.len();
                         p.extend(row.iter().zip(brow).map(|(&x, &b)| x * scale + b));
-                        softmax_in_place(&mut p[start..]);
+                        ops::softmax_in_place(&mut p[start..]);
                     }
                     let kept = if T::OWNS_TAPE { p.clone() } else { Vec::new() };
                     let out = scores.device().tensor_from_vec(p, shape);
@@ -653,12 +578,11 @@ macro_rules! cpu_kernels {
                             let g = grads.get_or_alloc_mut(&out_id)?.to_vec();
                             let gx = grads.get_or_alloc_mut(&x_id)?;
                             let rows = kept.chunks_exact(sk).zip(g.chunks_exact(sk));
+                            let mut d = vec![E::zero(); sk];
                             for ((pr, gr), gxr) in rows.zip(gx.chunks_exact_mut(sk)) {
-                                // d z_k = p_k (g_k - sum_j g_j p_j); d x = scale d z
-                                let dot = lanes::dot(pr, gr);
-                                for k in 0..sk {
-                                    gxr[k] += scale * pr[k] * (gr[k] - dot);
-                                }
+                                d.copy_from_slice(gr);
+                                ops::softmax_backward_in_place(&mut d, pr, scale);
+                                ops::add_assign(gxr, &d);
                             }
                             Ok(())
                         });
