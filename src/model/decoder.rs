@@ -687,14 +687,7 @@ mod tests {
             t.copy_from(&v);
         }
         if lora {
-            let s = crate::model::lora::LoraSettings {
-                r: 2,
-                alpha: 3.0,
-                dropout: 0.0,
-                target: crate::model::lora::TARGETS.map(String::from).to_vec(),
-            };
-            p.attach_lora(&s, 4);
-            crate::model::lora::tests::perturb_b(&mut p);
+            crate::model::lora::tests::attach_every_target(&mut p);
         }
         p
     }

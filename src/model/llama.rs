@@ -622,14 +622,7 @@ mod tests {
         cfg.attention_bias = true;
         cfg.mlp_bias = true;
         let mut p = model_of(&cfg);
-        let s = crate::model::lora::LoraSettings {
-            r: 2,
-            alpha: 3.0,
-            dropout: 0.0,
-            target: crate::model::lora::TARGETS.map(String::from).to_vec(),
-        };
-        p.attach_lora(&s, 4);
-        crate::model::lora::tests::perturb_b(&mut p);
+        crate::model::lora::tests::attach_every_target(&mut p);
         let b = batch();
         let tape: OwnedTape<f64, Cpu> = Default::default();
         let grads = loss(&p, &b, tape).backward();

@@ -415,6 +415,19 @@ pub(crate) mod tests {
         }
     }
 
+    /// Adapters r 2, alpha 3 on every target, B away from zero: what the
+    /// model's gradient checks train.
+    pub(crate) fn attach_every_target(p: &mut LlamaParams<f64, Cpu>) {
+        let s = LoraSettings {
+            r: 2,
+            alpha: 3.0,
+            dropout: 0.0,
+            target: TARGETS.map(String::from).to_vec(),
+        };
+        p.attach_lora(&s, 4);
+        perturb_b(p);
+    }
+
     /// B away from zero, so A's gradient and the merged update are not zero.
     pub(crate) fn perturb_b<E: Dtype + From<f32>, D: Device<E>>(p: &mut LlamaParams<E, D>) {
         let mut rng = Rng::new(9);
