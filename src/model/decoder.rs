@@ -666,26 +666,10 @@ mod tests {
     }
 
     /// Weights 10x the init (larger scores), norms and biases away from
-    /// 1 and 0, so that every gradient is well above rounding.
+    /// 1 and 0 (as the model's gradient checks have them), so that every
+    /// gradient is well above rounding.
     fn model(cfg: &LlamaConfig, lora: bool) -> P {
-        let dev = Cpu::default();
-        let mut p = P::init(cfg, true, 3, &dev);
-        for (name, t) in p.named_mut() {
-            let vector = crate::model::params::is_vector(&name);
-            let v: Vec<f64> = t
-                .as_vec()
-                .iter()
-                .enumerate()
-                .map(|(i, x)| {
-                    if vector {
-                        x + 0.1 * (i % 3) as f64 - 0.05
-                    } else {
-                        x * 10.0
-                    }
-                })
-                .collect();
-            t.copy_from(&v);
-        }
+        let mut p = crate::model::llama::tests::model_scaled(cfg, 10.0);
         if lora {
             crate::model::lora::tests::attach_every_target(&mut p);
         }

@@ -644,7 +644,7 @@ cpu_kernels!(cpu_f32, f32, fast_exp);
 cpu_kernels!(cpu_f64, f64, f64::exp);
 
 /// The elements of a contiguous CPU tensor: a memcpy of its buffer.
-pub(super) fn host<S: Shape, E: Dtype + Zero, T>(t: &Tensor<S, E, Cpu, T>) -> Vec<E>
+pub(crate) fn host<S: Shape, E: Dtype + Zero, T>(t: &Tensor<S, E, Cpu, T>) -> Vec<E>
 where
     Cpu: CopySlice<E>,
 {

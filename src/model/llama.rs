@@ -477,7 +477,7 @@ pub fn reward_scores<D: Kernels<f32>>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::LlamaConfig;
 
@@ -501,7 +501,7 @@ mod tests {
     /// Weights `scale` times the 0.02 init: larger scores, so a bias on
     /// queries (which only shifts scores by its dot product with the keys'
     /// differences) gets a gradient well above the check's floor.
-    fn model_scaled(cfg: &LlamaConfig, scale: f64) -> P {
+    pub(crate) fn model_scaled(cfg: &LlamaConfig, scale: f64) -> P {
         let dev = Cpu::default();
         let mut p = P::init(cfg, true, 3, &dev);
         for (name, t) in p.named_mut() {

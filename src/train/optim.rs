@@ -5,6 +5,7 @@
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::model::kernels::host;
 use crate::model::params::{is_vector, LlamaParams, Matrix};
 
 /// Optimizer and schedule settings (the `train` table of training stages).
@@ -256,11 +257,10 @@ impl OptimDevice for Cpu {
         // Each copy is made as the buffer it copies is dropped, so the
         // allocator hands the freed block straight back.
         let shape = *p.shape();
-        let g = host(g);
-        let mut m = host(m);
-        let mut v = host(v);
-        let mut w = vec![0.0f32; shape.0 * shape.1];
-        p.copy_into(&mut w);
+        let g = consume(g);
+        let mut m = consume(m);
+        let mut v = consume(v);
+        let mut w = host(&*p);
         for (((w, m), v), &g) in w.iter_mut().zip(&mut m).zip(&mut v).zip(&g) {
             // The same operations, in the same order, as the default.
             let g = g * h.grad_scale;
@@ -279,9 +279,8 @@ impl OptimDevice for Cpu {
     }
 
     fn sum_squares(g: &Matrix<f32, Cpu>) -> f64 {
-        let mut buf = vec![0.0f32; g.shape().0 * g.shape().1];
-        g.copy_into(&mut buf);
-        buf.chunks(4096)
+        host(g)
+            .chunks(4096)
             .map(|c| c.iter().map(|x| x * x).sum::<f32>() as f64)
             .sum()
     }
@@ -313,11 +312,9 @@ pub fn adamw_composite<D: Device<f32>>(
     (m, v)
 }
 
-/// A CPU tensor's elements, its buffer dropped as the copy is made.
-fn host(t: Matrix<f32, Cpu>) -> Vec<f32> {
-    let mut v = vec![0.0f32; t.shape().0 * t.shape().1];
-    t.copy_into(&mut v);
-    v
+/// A CPU tensor's elements; the tensor (and its buffer) dropped after.
+fn consume(t: Matrix<f32, Cpu>) -> Vec<f32> {
+    host(&t)
 }
 
 /// The global L2 norm of a set of gradients.
