@@ -653,16 +653,14 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::{Architecture, RopeParameters, RopeType};
+    use crate::model::config::Architecture;
     use crate::model::{LlamaConfig, TokenBatch};
 
     type P = LlamaParams<f64, Cpu>;
     type Traced = T3<f64, Cpu, OwnedTape<f64, Cpu>>;
 
     fn config() -> LlamaConfig {
-        let mut cfg = LlamaConfig::tiny(11, 8, 2, 4, 2);
-        cfg.intermediate_size = 12;
-        cfg
+        crate::model::llama::tests::config(false)
     }
 
     /// Weights 10x the init (larger scores), norms and biases away from
@@ -740,19 +738,10 @@ mod tests {
 
     #[test]
     fn equals_the_layer_by_layer_stack_with_biases_and_llama3_rope() {
-        let mut cfg = config();
-        cfg.attention_bias = true;
-        cfg.mlp_bias = true;
-        cfg.rope = RopeParameters {
-            rope_theta: 100.0,
-            rope_type: RopeType::Llama3 {
-                factor: 4.0,
-                low_freq_factor: 1.0,
-                high_freq_factor: 2.0,
-                original_max_position_embeddings: 8.0,
-            },
-        };
-        check(&cfg, false);
+        check(
+            &crate::model::llama::tests::with_biases_and_llama3_rope(config()),
+            false,
+        );
     }
 
     #[test]

@@ -483,7 +483,7 @@ pub(crate) mod tests {
 
     type P = LlamaParams<f64, Cpu>;
 
-    fn config(tied: bool) -> LlamaConfig {
+    pub(crate) fn config(tied: bool) -> LlamaConfig {
         let mut cfg = LlamaConfig::tiny(11, 8, 2, 4, 2);
         cfg.intermediate_size = 12;
         cfg.tie_word_embeddings = tied;
@@ -642,7 +642,12 @@ pub(crate) mod tests {
 
     #[test]
     fn gradients_match_finite_differences_llama_biases_and_llama3_rope() {
-        let mut cfg = config(false);
+        check_gradients_scaled(&with_biases_and_llama3_rope(config(false)), 10.0);
+    }
+
+    /// Attention and MLP biases, and Llama-3 RoPE with all three bands at
+    /// head_dim 4.
+    pub(crate) fn with_biases_and_llama3_rope(mut cfg: LlamaConfig) -> LlamaConfig {
         cfg.attention_bias = true;
         cfg.mlp_bias = true;
         cfg.rope = crate::model::config::RopeParameters {
@@ -654,7 +659,7 @@ pub(crate) mod tests {
                 original_max_position_embeddings: 8.0,
             },
         };
-        check_gradients_scaled(&cfg, 10.0);
+        cfg
     }
 
     #[test]
