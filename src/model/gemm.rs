@@ -42,6 +42,28 @@ pub trait Scalar:
         kernel_portable(kc, ap, bp, &mut tile);
         write_tile(&tile, c, ldc, size, add);
     }
+    /// As [`Scalar::kernel`] for a full MR-row block, but A read where it
+    /// lies: element (i, p) at `a[i * rs + p * cs]`, with `rs == 1` or
+    /// `cs == 1`. The same sums in the same order as from a packed panel, so
+    /// the same bits. `false`: not done here (the caller packs A instead).
+    #[allow(clippy::too_many_arguments)]
+    fn kernel_in_place(
+        kc: usize,
+        a: &[Self],
+        (rs, cs): (usize, usize),
+        bp: &[Self],
+        c: &mut [Self],
+        ldc: usize,
+        nr: usize,
+        add: bool,
+    ) -> bool {
+        let _ = (kc, a, rs, cs, bp, c, ldc, nr, add);
+        false
+    }
+    /// Whether [`Scalar::kernel_in_place`] runs on this CPU.
+    fn reads_a_in_place() -> bool {
+        false
+    }
     /// This thread's two packing buffers for the type (see [`with_scratch`]).
     fn scratch() -> &'static std::thread::LocalKey<Scratch<Self>>;
     /// dot(row, cols[q]) for each q, summed as [`Scalar::dot4x4`] sums.
@@ -126,13 +148,78 @@ impl Scalar for f32 {
             );
             // SAFETY: AVX-512F is present (checked at run time); the
             // slices hold the panels and the whole block (asserted).
-            unsafe { kernel_avx512(kc, ap.as_ptr(), bp.as_ptr(), c.as_mut_ptr(), ldc, add) };
+            unsafe {
+                kernel_avx512::<false>(
+                    kc,
+                    ap.as_ptr(),
+                    (1, MR),
+                    bp.as_ptr(),
+                    c.as_mut_ptr(),
+                    ldc,
+                    add,
+                )
+            };
             return;
         } else {
+            assert!(ap.len() >= kc * MR && bp.len() >= kc * NR);
             // SAFETY: as above, into the tile (MR x NR, rows NR apart).
-            unsafe { kernel_avx512(kc, ap.as_ptr(), bp.as_ptr(), tile.as_mut_ptr(), NR, false) };
+            unsafe {
+                kernel_avx512::<false>(
+                    kc,
+                    ap.as_ptr(),
+                    (1, MR),
+                    bp.as_ptr(),
+                    tile.as_mut_ptr(),
+                    NR,
+                    false,
+                )
+            };
         }
         write_tile(&tile, c, ldc, size, add);
+    }
+    #[inline]
+    fn kernel_in_place(
+        kc: usize,
+        a: &[f32],
+        (rs, cs): (usize, usize),
+        bp: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        nr: usize,
+        add: bool,
+    ) -> bool {
+        if !has_avx512() || (rs != 1 && cs != 1) {
+            return false;
+        }
+        assert!(
+            kc > 0 && a.len() > (MR - 1) * rs + (kc - 1) * cs && bp.len() >= kc * NR,
+            "A's block and B's panel are whole"
+        );
+        let (ap, bp) = (a.as_ptr(), bp.as_ptr());
+        let run = |out: *mut f32, ld: usize, add: bool| {
+            // SAFETY: AVX-512F is present (checked above); A's MR rows and
+            // kc columns and B's panel lie inside the slices (asserted);
+            // `out` is a whole MR x NR block (below).
+            unsafe {
+                if cs == 1 {
+                    kernel_avx512::<true>(kc, ap, (rs, cs), bp, out, ld, add)
+                } else {
+                    kernel_avx512::<false>(kc, ap, (rs, cs), bp, out, ld, add)
+                }
+            }
+        };
+        if nr == NR {
+            assert!(c.len() > (MR - 1) * ldc + NR - 1, "C's block is whole");
+            run(c.as_mut_ptr(), ldc, add);
+        } else {
+            let mut tile = [0.0f32; MR * NR];
+            run(tile.as_mut_ptr(), NR, false);
+            write_tile(&tile, c, ldc, (MR, nr), add);
+        }
+        true
+    }
+    fn reads_a_in_place() -> bool {
+        has_avx512()
     }
     #[inline]
     fn dot1x4(row: &[f32], cols: [&[f32]; 4]) -> [f32; 4] {
@@ -333,6 +420,7 @@ fn columns<E: Scalar>(
             apack.resize(asize, E::default());
         }
         let (apack, bpack) = (&mut apack[..], &mut bpack[..]);
+        let in_place = E::reads_a_in_place() && (a.rs == 1 || a.cs == 1);
         let mut jc = j0;
         while jc < j1 {
             let nc = NC.min(j1 - jc);
@@ -345,15 +433,35 @@ fn columns<E: Scalar>(
                 let mut ic = 0;
                 while ic < m {
                     let mc = MC.min(m - ic);
-                    pack_a(a, ic, mc, pc, kc, apack);
+                    // Whole MR-row blocks of A are read where they lie
+                    // when they can be; the rest is packed.
+                    let whole = if in_place { mc / MR * MR } else { 0 };
+                    if whole < mc {
+                        pack_a(a, ic + whole, mc - whole, pc, kc, apack);
+                    }
                     for jr in (0..nc).step_by(NR) {
                         let nr = NR.min(nc - jr);
                         let bp = &bpack[jr * kc..jr * kc + NR * kc];
                         for ir in (0..mc).step_by(MR) {
                             let mr = MR.min(mc - ir);
-                            let ap = &apack[ir * kc..ir * kc + MR * kc];
                             let at = (ic + ir) * ldc + jc + jr;
                             let end = at + (mr - 1) * ldc + nr;
+                            if ir < whole {
+                                let start = (ic + ir) * a.rs + pc * a.cs;
+                                let done = E::kernel_in_place(
+                                    kc,
+                                    &a.data[start..],
+                                    (a.rs, a.cs),
+                                    bp,
+                                    &mut c[at..end],
+                                    ldc,
+                                    nr,
+                                    add,
+                                );
+                                assert!(done, "checked by reads_a_in_place");
+                                continue;
+                            }
+                            let ap = &apack[(ir - whole) * kc..(ir - whole + MR) * kc];
                             E::kernel(kc, ap, bp, &mut c[at..end], ldc, (mr, nr), add);
                         }
                     }
@@ -548,12 +656,17 @@ unsafe fn dot4x4_avx512(rows: [&[f32]; 4], cols: [&[f32]; 4]) -> [[f32; 4]; 4] {
 }
 
 /// The 12 x 32 block at `c` (rows `ldc` apart) = (or += with `add`) the
-/// product of an A panel and a B panel: 24 accumulators, A broadcast.
+/// product of A's 12 rows and a B panel: 24 accumulators, A broadcast.
+/// A's element (i, p) is at `a[i * rs + p * cs]`: a packed panel is
+/// (1, MR); `ROWS` reads a row-major block in place (cs == 1) through one
+/// pointer per row, else `rs` is 1 (a packed panel or a transposed
+/// matrix read in place: each p's 12 values side by side).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel_avx512(
+unsafe fn kernel_avx512<const ROWS: bool>(
     kc: usize,
-    ap: *const f32,
+    a: *const f32,
+    (rs, cs): (usize, usize),
     bp: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -561,17 +674,33 @@ unsafe fn kernel_avx512(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [_mm512_setzero_ps(); 2 * MR];
-    let (mut a, mut b) = (ap, bp);
-    for _ in 0..kc {
-        let b0 = _mm512_loadu_ps(b);
-        let b1 = _mm512_loadu_ps(b.add(16));
-        for i in 0..MR {
-            let ai = _mm512_set1_ps(*a.add(i));
-            acc[2 * i] = _mm512_fmadd_ps(ai, b0, acc[2 * i]);
-            acc[2 * i + 1] = _mm512_fmadd_ps(ai, b1, acc[2 * i + 1]);
+    let mut b = bp;
+    if ROWS {
+        let rows: [*const f32; MR] = std::array::from_fn(|i| a.add(i * rs));
+        for p in 0..kc {
+            let b0 = _mm512_loadu_ps(b);
+            let b1 = _mm512_loadu_ps(b.add(16));
+            for i in 0..MR {
+                let ai = _mm512_set1_ps(*rows[i].add(p));
+                acc[2 * i] = _mm512_fmadd_ps(ai, b0, acc[2 * i]);
+                acc[2 * i + 1] = _mm512_fmadd_ps(ai, b1, acc[2 * i + 1]);
+            }
+            b = b.add(NR);
         }
-        a = a.add(MR);
-        b = b.add(NR);
+    } else {
+        debug_assert_eq!(rs, 1);
+        let mut a = a;
+        for _ in 0..kc {
+            let b0 = _mm512_loadu_ps(b);
+            let b1 = _mm512_loadu_ps(b.add(16));
+            for i in 0..MR {
+                let ai = _mm512_set1_ps(*a.add(i));
+                acc[2 * i] = _mm512_fmadd_ps(ai, b0, acc[2 * i]);
+                acc[2 * i + 1] = _mm512_fmadd_ps(ai, b1, acc[2 * i + 1]);
+            }
+            a = a.add(cs);
+            b = b.add(NR);
+        }
     }
     for i in 0..MR {
         let row = c.add(i * ldc);
@@ -586,7 +715,15 @@ unsafe fn kernel_avx512(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel_avx512(_: usize, _: *const f32, _: *const f32, _: *mut f32, _: usize, _: bool) {
+unsafe fn kernel_avx512<const ROWS: bool>(
+    _: usize,
+    _: *const f32,
+    _: (usize, usize),
+    _: *const f32,
+    _: *mut f32,
+    _: usize,
+    _: bool,
+) {
     unreachable!("has_avx512() is false off x86_64")
 }
 
@@ -667,6 +804,32 @@ mod tests {
     }
 
     #[test]
+    fn reading_a_in_place_gives_the_packed_bits() {
+        // A row-major or transposed A is read in place (whole 12-row blocks);
+        // the same A with a column stride of 2 is always packed.
+        for (m, n, k) in [(150, 70, 300), (36, 33, 17), (25, 64, 257)] {
+            let ad = values(m * k, 10);
+            let bd = values(k * n, 11);
+            let b = View::transposed(&bd, k);
+            let spread: Vec<f32> = ad.iter().flat_map(|x| [*x, 9.0]).collect();
+            let packed = View {
+                data: &spread,
+                rs: 2 * k,
+                cs: 2,
+            };
+            let mut want = vec![0.0; m * n];
+            gemm(m, n, k, packed, b, &mut want, false);
+            let mut got = vec![0.0; m * n];
+            gemm(m, n, k, View::row_major(&ad, k), b, &mut got, false);
+            assert_eq!(got, want, "row-major A, {m}x{n}x{k}");
+            let at: Vec<f32> = (0..k * m).map(|x| ad[(x % m) * k + x / m]).collect();
+            let mut got = vec![0.0; m * n];
+            gemm(m, n, k, View::transposed(&at, m), b, &mut got, false);
+            assert_eq!(got, want, "transposed A, {m}x{n}x{k}");
+        }
+    }
+
+    #[test]
     fn threaded_split_equals_one_thread() {
         // Packed (70 rows) and few-row (4 rows, B = W^T) products.
         for (m, n, k) in [(70, 300, 200), (4, 3000, 300)] {
@@ -719,7 +882,17 @@ mod tests {
         kernel_portable(kc, &ap, &bp, &mut x);
         if has_avx512() {
             let mut y = [0.0; MR * NR];
-            unsafe { kernel_avx512(kc, ap.as_ptr(), bp.as_ptr(), y.as_mut_ptr(), NR, false) };
+            unsafe {
+                kernel_avx512::<false>(
+                    kc,
+                    ap.as_ptr(),
+                    (1, MR),
+                    bp.as_ptr(),
+                    y.as_mut_ptr(),
+                    NR,
+                    false,
+                )
+            };
             for (a, b) in x.iter().zip(&y) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
