@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use common::TestProject;
 
 const LORA: &str = r#"lora = { r = 4, alpha = 8, target = ["q_proj", "v_proj", "down_proj"] }"#;
+/// SFT's adapters train with dropout (the preference stages' cannot).
+const LORA_SFT: &str =
+    r#"lora = { r = 4, alpha = 8, dropout = 0.1, target = ["q_proj", "v_proj", "down_proj"] }"#;
 
 fn experiment() -> String {
     format!(
@@ -22,7 +25,7 @@ kind = "sft"
 from = "base"
 data = {{ stage = "world", file = "demonstrations.parquet" }}
 max_len = 48
-{LORA}
+{LORA_SFT}
 train = {{ steps = 9, batch_size = 4, lr = 1e-2, warmup_steps = 2, eval_every = 0, checkpoint_every = 3 }}
 
 [stages.dpo]
@@ -120,6 +123,8 @@ fn lora_stages_train_only_their_adapters_and_save_them_as_peft() {
         assert_eq!(config["peft_type"], "LORA");
         assert_eq!(config["r"], 4);
         assert_eq!(config["lora_alpha"], 8.0);
+        let dropout = if stage == "sft" { 0.1 } else { 0.0 };
+        assert_eq!(config["lora_dropout"], dropout, "{stage}");
         let task = if stage == "rm" {
             "SEQ_CLS"
         } else {
@@ -164,23 +169,30 @@ fn lora_is_in_the_key_and_bad_lora_is_refused() {
     let before = keys(&p);
     p.write("experiments/lora.toml", &text.replacen("r = 4", "r = 8", 1));
     assert_ne!(before, keys(&p));
+    // The dpo stage's settings (the second `lora = `).
+    let dpo_at = text.match_indices("lora = { r = 4,").nth(1).unwrap().0;
     for (bad, expected) in [
         ("r = 0,", "`lora.r` must be at least 1"),
-        ("dropout = 0.1,", "only 0.0 is supported"),
+        ("dropout = 0.1,", "`dpo` trains without dropout"),
         ("tagret = [],", "unknown field `tagret`"),
     ] {
-        p.write(
-            "experiments/lora.toml",
-            &text
-                .replacen("lora = { r = 4,", &format!("lora = {{ {bad} r = 4,"), 1)
-                .replacen("r = 0, r = 4", "r = 0", 1),
-        );
+        let (head, tail) = text.split_at(dpo_at);
+        let tail = tail
+            .replacen("lora = { r = 4,", &format!("lora = {{ {bad} r = 4,"), 1)
+            .replacen("r = 0, r = 4", "r = 0", 1);
+        p.write("experiments/lora.toml", &format!("{head}{tail}"));
         let err = p.fails(&["plan", "lora"]);
         assert!(
             err.contains(expected) && err.contains("lora.toml:"),
             "{bad}: {err}"
         );
     }
+    p.write(
+        "experiments/lora.toml",
+        &text.replacen("dropout = 0.1", "dropout = 1.5", 1),
+    );
+    let err = p.fails(&["plan", "lora"]);
+    assert!(err.contains("a probability in [0, 1)"), "{err}");
     p.write(
         "experiments/lora.toml",
         &text.replacen("\"down_proj\"]", "\"down_prj\"]", 1),

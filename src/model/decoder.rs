@@ -85,13 +85,35 @@ impl Dims {
     }
 }
 
-/// A LoRA adapter on the host: A (r, in), B (out, r), and the scale.
+/// A LoRA adapter on the host: A (r, in), B (out, r), the scale and the
+/// dropout on its input.
 struct Adapter<E: HostFloat> {
     a: Vec<E>,
     b: Vec<E>,
     r: usize,
     scale: E,
+    dropout: f64,
     ids: (Ghost<E>, Ghost<E>),
+}
+
+/// What an adapter's backward needs of its forward: `scale x' A^T` (m, r)
+/// for x' the input after dropout, and the dropout mask's key (none: x' = x).
+struct AdapterIn<E> {
+    xa: Vec<E>,
+    mask: Option<u64>,
+}
+
+impl<E: HostFloat> Adapter<E> {
+    /// The adapter's input x' (m, k): x itself, or x times mask `key`.
+    fn input<'a>(&self, x: &'a [E], key: Option<u64>) -> std::borrow::Cow<'a, [E]> {
+        match key {
+            None => std::borrow::Cow::Borrowed(x),
+            Some(key) => {
+                let mask = super::lora::dropout::mask::<E>(key, self.dropout, x.len());
+                std::borrow::Cow::Owned(x.iter().zip(&mask).map(|(v, m)| *v * *m).collect())
+            }
+        }
+    }
 }
 
 /// One projection on the host: weight (n, k), optional bias and adapter.
@@ -123,6 +145,7 @@ where
                 b: host(b),
                 r: a.shape().0,
                 scale: E::of(l.scale),
+                dropout: l.dropout,
                 ids: (a.clone(), b.clone()),
             })
         });
@@ -137,9 +160,10 @@ where
         }
     }
 
-    /// `x w^T + b + scale (x A^T) B^T` for x (m, k); with an adapter also
-    /// `scale x A^T` (m, r), which the backward needs.
-    fn forward(&self, x: &[E], m: usize) -> (Vec<E>, Option<Vec<E>>) {
+    /// `x w^T + b + scale (x' A^T) B^T` for x (m, k), x' = x after the
+    /// adapter's dropout (inside [`super::lora::dropout::scoped`]); with an
+    /// adapter also what its backward needs.
+    fn forward(&self, x: &[E], m: usize) -> (Vec<E>, Option<AdapterIn<E>>) {
         let (n, k) = (self.n, self.k);
         let mut y = vec![E::zero(); m * n];
         gemm(
@@ -156,13 +180,15 @@ where
                 .for_each(|row| ops::add_assign(row, b));
         }
         let xa = self.adapter.as_ref().map(|ad| {
+            let mask = super::lora::dropout::next_key(ad.dropout);
+            let input = ad.input(x, mask);
             let mut xa = vec![E::zero(); m * ad.r];
-            let (xv, at) = (View::row_major(x, k), View::transposed(&ad.a, k));
+            let (xv, at) = (View::row_major(&input, k), View::transposed(&ad.a, k));
             gemm(m, ad.r, k, xv, at, &mut xa, false);
             xa.iter_mut().for_each(|v| *v *= ad.scale);
             let bt = View::transposed(&ad.b, ad.r);
             gemm(m, n, ad.r, View::row_major(&xa, ad.r), bt, &mut y, true);
-            xa
+            AdapterIn { xa, mask }
         });
         (y, xa)
     }
@@ -174,7 +200,7 @@ where
         grads: &mut Gradients<E, Cpu>,
         dy: &[E],
         x: &[E],
-        xa: Option<&[E]>,
+        saved: Option<&AdapterIn<E>>,
         m: usize,
         dx: &mut [E],
     ) -> Result<(), CpuError> {
@@ -192,7 +218,7 @@ where
                 dy.chunks_exact(n).for_each(|row| ops::add_assign(gb, row));
             }
         }
-        if let (Some(ad), Some(xa)) = (&self.adapter, xa) {
+        if let (Some(ad), Some(AdapterIn { xa, mask })) = (&self.adapter, saved) {
             let r = ad.r;
             // y += (s x A^T) B^T: dB (n, r) += dy^T (s x A^T)
             let gb = grad(grads, &ad.ids.1)?;
@@ -209,12 +235,24 @@ where
             let mut dxa = vec![E::zero(); m * r];
             gemm(m, r, n, dyv, View::row_major(&ad.b, r), &mut dxa, false);
             dxa.iter_mut().for_each(|v| *v *= ad.scale);
-            // dA (r, k) += d(x A^T)^T x;  dx += d(x A^T) A
+            // dA (r, k) += d(x' A^T)^T x';  dx += (d(x' A^T) A) * mask
             let ga = grad(grads, &ad.ids.0)?;
-            let xv = View::row_major(x, k);
+            let input = ad.input(x, *mask);
+            let xv = View::row_major(&input, k);
             gemm(r, k, m, View::transposed(&dxa, r), xv, ga, true);
+            drop(input);
             let dxv = View::row_major(&dxa, r);
-            gemm(m, k, r, dxv, View::row_major(&ad.a, k), dx, true);
+            match mask {
+                None => gemm(m, k, r, dxv, View::row_major(&ad.a, k), dx, true),
+                Some(key) => {
+                    let mut dxd = vec![E::zero(); m * k];
+                    gemm(m, k, r, dxv, View::row_major(&ad.a, k), &mut dxd, false);
+                    let keep = super::lora::dropout::mask::<E>(*key, ad.dropout, m * k);
+                    for ((d, g), w) in dx.iter_mut().zip(&dxd).zip(&keep) {
+                        *d += *g * *w;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -328,9 +366,9 @@ struct Saved<E: HostFloat> {
     r2: Vec<E>,
     gate: Vec<E>,
     up: Vec<E>,
-    /// Each projection's adapter input (`scale x A^T`), in the order
-    /// q, k, v, o, gate, up, down.
-    xa: [Option<Vec<E>>; 7],
+    /// Each projection's adapter state (`scale x' A^T`, dropout mask), in
+    /// the order q, k, v, o, gate, up, down.
+    xa: [Option<AdapterIn<E>>; 7],
 }
 
 /// Per-head RMSNorm of q or k (rows of `hd`): normed values, and the input
@@ -537,7 +575,7 @@ where
     Cpu: Device<E>,
 {
     let (m, h) = (d.m, d.hidden);
-    let xa = |i: usize| sv.xa[i].as_deref();
+    let xa = |i: usize| sv.xa[i].as_ref();
     // MLP: x2 = x1 + down(swiglu(gate(n2), up(n2))), n2 = norm(x1)
     let a = ops::swiglu_forward(&sv.gate, &sv.up);
     let mut da = vec![E::zero(); a.len()];
@@ -654,6 +692,7 @@ where
 mod tests {
     use super::*;
     use crate::model::config::Architecture;
+    use crate::model::lora::dropout;
     use crate::model::{LlamaConfig, TokenBatch};
 
     type P = LlamaParams<f64, Cpu>;
@@ -709,12 +748,21 @@ mod tests {
     }
 
     fn check(cfg: &LlamaConfig, lora: bool) {
-        let p = model(cfg, lora);
-        let batch = TokenBatch::right_padded(&[vec![1, 4, 2, 7, 3], vec![5, 9, 2]], 0);
-        let (y0, g0) = run(&p, &batch, &|x, c| {
-            super::super::llama::decoder_layers(x, &p, c)
+        check_model(&model(cfg, lora));
+    }
+
+    fn batch() -> TokenBatch {
+        TokenBatch::right_padded(&[vec![1, 4, 2, 7, 3], vec![5, 9, 2]], 0)
+    }
+
+    /// Both stacks forward inside one LoRA dropout seed's scope (no effect
+    /// without dropout), then backward.
+    fn check_model(p: &P) {
+        let batch = batch();
+        let (y0, g0) = run(p, &batch, &|x, c| {
+            dropout::scoped(7, || super::super::llama::decoder_layers(x, p, c))
         });
-        let (y1, g1) = run(&p, &batch, &|x, c| decoder(x, &p, c));
+        let (y1, g1) = run(p, &batch, &|x, c| dropout::scoped(7, || decoder(x, p, c)));
         let close = |a: &[f64], b: &[f64], what: &str| {
             let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
             assert!(scale > 1e-6, "{what}: no signal");
@@ -724,7 +772,7 @@ mod tests {
         };
         close(&y0, &y1, "output");
         let names: Vec<String> = std::iter::once("x".to_string())
-            .chain(stack_params(&p).into_iter().map(|(n, _)| n))
+            .chain(stack_params(p).into_iter().map(|(n, _)| n))
             .collect();
         for ((a, b), name) in g0.iter().zip(&g1).zip(&names) {
             close(a, b, name);
@@ -761,5 +809,29 @@ mod tests {
         cfg.attention_bias = true;
         cfg.mlp_bias = true;
         check(&cfg, true);
+    }
+
+    #[test]
+    fn equals_the_layer_by_layer_stack_with_lora_dropout() {
+        let mut cfg = config();
+        cfg.mlp_bias = true;
+        let mut p = model(&cfg, true);
+        for l in &mut p.layers {
+            l.lora.as_mut().unwrap().dropout = 0.4;
+        }
+        check_model(&p);
+        // Not vacuous: the masks change the output, and only inside a scope.
+        let c = Rope::new(&p, &batch(), &Cpu::default());
+        let x: Traced = Cpu::default()
+            .ones_like(&(2, 5, cfg.hidden_size))
+            .leaky_trace();
+        let plain = decoder(x.retaped::<NoneTape>(), &p, &c).as_vec();
+        let masked = dropout::scoped(7, || decoder(x.retaped::<NoneTape>(), &p, &c)).as_vec();
+        assert_ne!(plain, masked);
+        for l in &mut p.layers {
+            l.lora.as_mut().unwrap().dropout = 0.0;
+        }
+        let off = dropout::scoped(7, || decoder(x.retaped::<NoneTape>(), &p, &c)).as_vec();
+        assert_eq!(plain, off);
     }
 }

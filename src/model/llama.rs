@@ -204,13 +204,23 @@ fn project<E: Dtype + From<f32>, D: Kernels<E>, T: Tape<E, D> + Merge<T>>(
     let adapter = layer
         .lora
         .as_ref()
-        .and_then(|l| l.adapters.get(target).map(|ab| (l.scale, ab)));
+        .and_then(|l| l.adapters.get(target).map(|ab| (l.scale, l.dropout, ab)));
     // With adapters anywhere in the layer its base weights are frozen.
     let frozen = layer.lora.is_some();
     match adapter {
         None => linear_bias(x, w, b, frozen),
-        Some((scale, (a, bm))) => {
+        Some((scale, dropout, (a, bm))) => {
             let y = linear_bias(x.retaped::<T>(), w, b, frozen);
+            // LoRA dropout on the adapter's input (see lora::dropout).
+            let x = match super::lora::dropout::next_key(dropout) {
+                None => x,
+                Some(key) => {
+                    let shape = *x.shape();
+                    let mask = super::lora::dropout::mask::<E>(key, dropout, shape.num_elements());
+                    let mask = x.device().tensor_from_vec(mask, shape);
+                    x * mask
+                }
+            };
             let low = linear(linear(x, a), bm);
             y + low * E::from(scale as f32)
         }
@@ -557,8 +567,10 @@ pub(crate) mod tests {
         lp.sum() + sc.sum()
     }
 
+    /// The loss without a tape, with the LoRA dropout masks of seed 3
+    /// (the same masks at every call; no effect without dropout).
     fn value(p: &P, b: &TokenBatch) -> f64 {
-        loss(p, b, NoneTape).array()
+        crate::model::lora::dropout::scoped(3, || loss(p, b, NoneTape).array())
     }
 
     fn check_gradients(tied: bool) {
@@ -627,6 +639,24 @@ pub(crate) mod tests {
         let tape: OwnedTape<f64, Cpu> = Default::default();
         let grads = loss(&p, &b, tape).backward();
         assert_eq!(p.trainable().len(), 2 * 7 * cfg.num_hidden_layers + 1);
+        check_trainable(&p, &b, &grads);
+    }
+
+    #[test]
+    fn lora_gradients_with_dropout_match_finite_differences() {
+        let mut p = model_of(&config(false));
+        crate::model::lora::tests::attach_every_target(&mut p);
+        let b = batch();
+        let without = value(&p, &b);
+        for l in &mut p.layers {
+            l.lora.as_mut().unwrap().dropout = 0.3;
+        }
+        assert!(
+            (value(&p, &b) - without).abs() > 1e-9,
+            "the masks change the loss"
+        );
+        let tape: OwnedTape<f64, Cpu> = Default::default();
+        let grads = crate::model::lora::dropout::scoped(3, || loss(&p, &b, tape)).backward();
         check_trainable(&p, &b, &grads);
     }
 

@@ -29,6 +29,81 @@ pub const TARGETS: [&str; 7] = [
     "down_proj",
 ];
 
+/// LoRA dropout (PEFT's `lora_dropout`): each adapter's input is masked
+/// while training, the kept values scaled by 1 / (1 - p). Masks are drawn
+/// only inside [`dropout::scoped`], which the training loop opens around
+/// each part's loss with its own seed (stage seed, step, micro-step,
+/// part): the n-th adapter applied in the scope uses mask n, element i
+/// kept when a counter-based hash of (seed, n, i) is at least p. So masks
+/// do not depend on threads or timing, a resumed run draws the same ones,
+/// and outside a scope (evaluation, reference log-probs, sampling) the
+/// adapters see their whole input. The CPU decoder op and the op-by-op
+/// layers draw in the same order (q, k, v, o, gate, up, down per layer).
+pub mod dropout {
+    use std::cell::Cell;
+
+    thread_local! {
+        static SCOPE: Cell<Option<(u64, u64)>> = const { Cell::new(None) };
+    }
+
+    /// `f` with dropout masks drawn from `seed` (restores any outer scope).
+    pub fn scoped<R>(seed: u64, f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<(u64, u64)>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                SCOPE.with(|s| s.set(self.0));
+            }
+        }
+        let _restore = Restore(SCOPE.with(|s| s.replace(Some((seed, 0)))));
+        f()
+    }
+
+    /// The key of the next mask, for an adapter with dropout `p`; `None`
+    /// outside a scope or when `p` is 0 (no mask, nothing drawn).
+    pub fn next_key(p: f64) -> Option<u64> {
+        if p <= 0.0 {
+            return None;
+        }
+        SCOPE.with(|s| {
+            let (seed, n) = s.get()?;
+            s.set(Some((seed, n + 1)));
+            Some(mix(seed ^ mix(n.wrapping_add(0x9e37_79b9_7f4a_7c15))))
+        })
+    }
+
+    /// The mask of `key`: 0 or 1 / (1 - p) (rounded through f32, so f32
+    /// and f64 models keep the same elements scaled alike) per element.
+    pub fn mask<E: From<f32> + Copy>(key: u64, p: f64, len: usize) -> Vec<E> {
+        let (zero, kept) = (E::from(0.0), E::from((1.0 / (1.0 - p)) as f32));
+        (0..len)
+            .map(|i| {
+                let u = (mix(key ^ (i as u64).wrapping_mul(0xd1b5_4a32_d192_ed03)) >> 11) as f64
+                    / (1u64 << 53) as f64;
+                if u >= p {
+                    kept
+                } else {
+                    zero
+                }
+            })
+            .collect()
+    }
+
+    /// The seed of one part of one micro-step of a training step.
+    pub fn part_seed(seed: u64, step: usize, micro: usize, part: usize) -> u64 {
+        [step, micro, part]
+            .iter()
+            .fold(mix(seed), |h, x| mix(h ^ *x as u64))
+    }
+
+    /// SplitMix64's finaliser.
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
@@ -40,8 +115,9 @@ pub struct LoraSettings {
     pub r: usize,
     /// Scale numerator: the update is (alpha / r) B A. Default 32.
     pub alpha: f64,
-    /// Dropout on the adapter's input. Only 0.0 (PEFT's default) is
-    /// supported.
+    /// Dropout on each adapter's input while training (PEFT's
+    /// `lora_dropout`), in [0, 1). Default 0.0. `sft` only: the preference
+    /// stages train without dropout, as TRL's `disable_dropout` does.
     pub dropout: f64,
     /// Projections to adapt. Default the attention's q, k, v, o.
     pub target: Vec<String>,
@@ -61,6 +137,23 @@ impl Default for LoraSettings {
 }
 
 impl LoraSettings {
+    /// [`LoraSettings::validate`] for a stage that trains without dropout
+    /// (`kind`: the stage kind, for the message).
+    pub fn validate_without_dropout(&self, kind: &str) -> Result<(), (String, String)> {
+        self.validate()?;
+        if self.dropout != 0.0 {
+            return Err((
+                "lora.dropout".into(),
+                format!(
+                    "is {}; `{kind}` trains without dropout (as TRL's disable_dropout = true \
+                     does), so only 0.0 is valid here: remove it or set 0.0",
+                    self.dropout
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), (String, String)> {
         if self.r == 0 {
             return Err(("lora.r".into(), "must be at least 1".into()));
@@ -71,11 +164,11 @@ impl LoraSettings {
                 format!("must be a positive number, got {}", self.alpha),
             ));
         }
-        if self.dropout != 0.0 {
+        if !(0.0..1.0).contains(&self.dropout) {
             return Err((
                 "lora.dropout".into(),
                 format!(
-                    "is {}; only 0.0 is supported (PEFT's default): remove it or set 0.0",
+                    "is {}; a probability in [0, 1) is valid (PEFT's default 0.0, often 0.05)",
                     self.dropout
                 ),
             ));
@@ -113,6 +206,8 @@ pub type Adapter<E, D> = (Matrix<E, D>, Matrix<E, D>);
 #[derive(Debug, Clone)]
 pub struct LayerLora<E: Dtype, D: Storage<E>> {
     pub scale: f64,
+    /// Dropout on each adapter's input inside [`dropout::scoped`] (0: none).
+    pub dropout: f64,
     pub adapters: BTreeMap<&'static str, Adapter<E, D>>,
 }
 
@@ -198,6 +293,7 @@ impl<E: Dtype + From<f32>, D: Device<E>> LlamaParams<E, D> {
             }
             layer.lora = Some(Box::new(LayerLora {
                 scale: s.scale(),
+                dropout: s.dropout,
                 adapters,
             }));
         }
@@ -289,7 +385,7 @@ impl<D: Device<f32>> LlamaParams<f32, D> {
         Some(LoraSettings {
             r,
             alpha: l.scale * r as f64,
-            dropout: 0.0,
+            dropout: l.dropout,
             target: TARGETS
                 .iter()
                 .filter(|t| l.adapters.contains_key(**t))
@@ -451,10 +547,49 @@ pub(crate) mod tests {
             s.validate().unwrap_err()
         };
         assert_eq!(bad(&|s| s.r = 0).0, "lora.r");
-        assert_eq!(bad(&|s| s.dropout = 0.1).0, "lora.dropout");
+        assert_eq!(bad(&|s| s.dropout = 1.0).0, "lora.dropout");
+        assert_eq!(bad(&|s| s.dropout = -0.1).0, "lora.dropout");
         let (field, msg) = bad(&|s| s.target = vec!["q_porj".into()]);
         assert_eq!(field, "lora.target");
         assert!(msg.contains("did you mean `q_proj`"), "{msg}");
+        let with_dropout = LoraSettings {
+            dropout: 0.05,
+            ..LoraSettings::default()
+        };
+        assert!(with_dropout.validate().is_ok());
+        let (field, msg) = with_dropout.validate_without_dropout("dpo").unwrap_err();
+        assert_eq!(field, "lora.dropout");
+        assert!(msg.contains("`dpo` trains without dropout"), "{msg}");
+    }
+
+    #[test]
+    fn dropout_masks_keep_one_minus_p_scaled_and_repeat_per_seed() {
+        // Outside a scope, or at p = 0, nothing is drawn.
+        assert_eq!(dropout::next_key(0.5), None);
+        let keys = |seed| {
+            dropout::scoped(seed, || {
+                assert_eq!(dropout::next_key(0.0), None);
+                [dropout::next_key(0.5), dropout::next_key(0.5)]
+            })
+        };
+        let (a, b) = (keys(1), keys(2));
+        assert_eq!(a, keys(1), "a seed draws the same masks again");
+        assert!(
+            a[0] != a[1] && a[0] != b[0],
+            "each draw and seed its own mask"
+        );
+        assert_eq!(dropout::next_key(0.5), None, "the scope is closed again");
+        let n = 100_000;
+        let m: Vec<f32> = dropout::mask(a[0].unwrap(), 0.25, n);
+        let kept = m.iter().filter(|v| **v != 0.0).count() as f64 / n as f64;
+        assert!((kept - 0.75).abs() < 0.01, "kept {kept}");
+        assert!(m.iter().all(|v| *v == 0.0 || *v == (1.0f64 / 0.75) as f32));
+        assert_ne!(m, dropout::mask::<f32>(a[1].unwrap(), 0.25, n));
+        assert_ne!(
+            dropout::part_seed(9, 1, 0, 0),
+            dropout::part_seed(9, 0, 1, 0),
+            "steps, micro-steps and parts draw apart"
+        );
     }
 
     #[test]

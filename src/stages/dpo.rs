@@ -109,7 +109,7 @@ impl StageKind for DpoSettings {
     fn validate(&self) -> Result<(), (String, String)> {
         validate_chat_template(self.chat_template.as_deref())?;
         if let Some(lora) = &self.lora {
-            lora.validate()?;
+            lora.validate_without_dropout("dpo")?;
         }
         if !(self.beta > 0.0 && self.beta.is_finite()) {
             return Err((

@@ -175,7 +175,7 @@ impl StageKind for PpoSettings {
     fn validate(&self) -> Result<(), (String, String)> {
         validate_chat_template(self.chat_template.as_deref())?;
         if let Some(lora) = &self.lora {
-            lora.validate()?;
+            lora.validate_without_dropout("ppo")?;
         }
         let positive = [
             ("kl_coef", self.kl_coef, true),

@@ -109,7 +109,7 @@ impl StageKind for RewardSettings {
     fn validate(&self) -> Result<(), (String, String)> {
         validate_chat_template(self.chat_template.as_deref())?;
         if let Some(lora) = &self.lora {
-            lora.validate()?;
+            lora.validate_without_dropout("reward")?;
         }
         if let Some(n) = &self.normalize {
             if n.sampling.max_new_tokens == 0 {

@@ -20,6 +20,7 @@ use std::time::Instant;
 use dfdx::prelude::*;
 use indicatif::ProgressBar;
 
+use crate::model::lora::dropout;
 use crate::model::params::Matrix;
 use crate::model::{workers, LlamaParams};
 use metrics::MetricsLog;
@@ -105,6 +106,11 @@ where
             params.attach_lora(lora, *seed);
         }
     }
+    let dropout_seed = s
+        .lora
+        .as_ref()
+        .filter(|(lora, _)| lora.dropout > 0.0)
+        .map(|(_, seed)| *seed);
     let mut opt = AdamW::new(params);
     progress.set_length(s.steps as u64);
     let mut start = 0;
@@ -128,19 +134,27 @@ where
         let mut acc: Option<Vec<Matrix<f32, D>>> = None;
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
         let mut extras: Vec<(&'static str, f64)> = Vec::new();
-        for _ in 0..s.grad_accum {
+        for micro in 0..s.grad_accum {
             let rows = draw();
             // The parts of a micro-batch run at once (see model::workers).
             let per = rows.len().div_ceil(workers::WORKERS);
             let params_ref: &LlamaParams<f32, D> = params;
             let parts: Vec<Result<PartResult<D>, TrainError>> =
-                workers::map_chunks(&rows, per, |_, part| {
+                workers::map_chunks(&rows, per, |index, part| {
+                    // LoRA dropout masks of this part (model::lora::dropout).
+                    let part_loss = || loss(params_ref, part);
                     let StepLoss {
                         loss: part_loss,
                         tokens,
                         units,
                         extras,
-                    } = loss(params_ref, part)?;
+                    } = match dropout_seed {
+                        Some(seed) => {
+                            let seed = dropout::part_seed(seed, step, micro, index);
+                            dropout::scoped(seed, part_loss)
+                        }
+                        None => part_loss(),
+                    }?;
                     let value = part_loss.as_vec()[0] as f64;
                     Ok((
                         gradients(params_ref, part_loss),
