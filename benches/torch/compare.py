@@ -14,7 +14,11 @@ and prints the table. Run through `make bench-torch`, which makes the venv
 with torch and transformers (.cache/bench-venv) first; never part of CI.
 Settings: BENCH_QUICK=1 runs only the two smallest shapes and batch-1
 generation (for checking the bench itself); BENCH_PARTS=shapes,smol,generate
-(the default) picks the parts.
+(the default) picks the parts, and `memory` adds the peak RSS of every
+training stage kind on SmolLM2 (results/bench-torch/memory.md);
+BENCH_REPEATS=N (default 2) measures each case N times, the two sides
+taking turns, and keeps each side's best tokens/s and highest peak RSS (the
+machine's speed drifts between runs by more than the differences measured).
 """
 
 import json
@@ -35,6 +39,7 @@ WORK = os.path.join(ROOT, ".cache", "bench-torch")
 OUT = os.path.join(ROOT, "results", "bench-torch")
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 PARTS = os.environ.get("BENCH_PARTS", "shapes,smol,generate").split(",")
+REPEATS = max(1, int(os.environ.get("BENCH_REPEATS", "2")))
 WARMUP = 2
 
 # (name, hidden, layers, heads, kv heads, intermediate, seq, batch, steps)
@@ -149,6 +154,7 @@ max_len = {SMOL_SEQ}
 train = {{ steps = {SMOL_STEPS}, batch_size = {SMOL_DPO_PAIRS}, lr = 5e-6, warmup_steps = 0 }}
 """
     open(os.path.join(WORK, "experiments", "smol.toml"), "w").write(smol)
+    open(os.path.join(WORK, "experiments", "memory.toml"), "w").write(memory_experiment())
     for i, (_, h, l, nh, kv, inter, seq, batch, steps) in enumerate(SHAPES):
         exp = f"""
 [experiment]
@@ -169,6 +175,104 @@ model = {{ hidden_size = {h}, num_hidden_layers = {l}, num_attention_heads = {nh
 train = {{ steps = {steps}, batch_size = {batch}, lr = 1e-3, warmup_steps = 0 }}
 """
         open(os.path.join(WORK, "experiments", f"shape{i}.toml"), "w").write(exp)
+
+
+# (stage, kind, what it holds) for the memory part; upstream stages first.
+MEMORY_STAGES = [
+    ("sft", "sft", "policy + AdamW"),
+    ("rm", "reward", "reward model (policy + scalar head) + AdamW"),
+    ("dpo", "dpo", "policy + AdamW; reference log-probs computed before training"),
+    ("kto", "kto", "policy + AdamW; reference log-probs computed before training"),
+    ("orpo", "orpo", "policy + AdamW, no reference"),
+    ("grpo", "grpo", "policy + AdamW + frozen reference; 2 prompts x 4 samples of 32 tokens"),
+    ("ppo", "ppo", "policy + value model, each with AdamW, + frozen reference and reward model; 4 prompts x 32 tokens"),
+]
+MEMORY_ROWS = 16
+MEMORY_LEN = 128
+
+
+def memory_experiment():
+    """SmolLM2 under every training stage kind: 3 steps of batch 4 (GRPO 2
+    prompts), sequences up to 128 tokens, on the synthetic world's data."""
+    rows = f"max_rows = {MEMORY_ROWS}"
+    train = "train = { steps = 3, batch_size = 4, lr = 1e-6, warmup_steps = 0 }"
+    pairs = f'data = {{ stage = "world", file = "comparisons.parquet", {rows} }}\nmax_len = {MEMORY_LEN}\n{train}'
+    prompts = f'prompts = {{ stage = "world", file = "prompts_train.parquet", {rows} }}\nsampling = {{ max_new_tokens = 32 }}'
+    return f"""
+[experiment]
+name = "memory"
+seed = 0
+[stages.world]
+kind = "synth"
+[stages.base]
+kind = "load"
+path = "models/{os.path.basename(GGUF)}"
+[stages.sft]
+kind = "sft"
+from = "base"
+data = {{ stage = "world", file = "demonstrations.parquet", {rows} }}
+max_len = {MEMORY_LEN}
+{train}
+[stages.rm]
+kind = "reward"
+from = "base"
+{pairs}
+[stages.dpo]
+kind = "dpo"
+from = "base"
+{pairs}
+[stages.kto]
+kind = "kto"
+from = "base"
+{pairs}
+[stages.orpo]
+kind = "orpo"
+from = "base"
+{pairs}
+[stages.grpo]
+kind = "grpo"
+from = "base"
+gold = "world"
+{prompts}
+num_generations = 4
+train = {{ steps = 3, batch_size = 2, lr = 1e-6, warmup_steps = 0 }}
+[stages.ppo]
+kind = "ppo"
+from = "base"
+reward_model = "rm"
+{prompts}
+{train}
+"""
+
+
+def memory_part():
+    """Peak RSS of each stage run alone (its upstream built first)."""
+    params = 134515008
+    out = []
+    for stage, kind, what in MEMORY_STAGES:
+        posttrain(["run", "memory", "--until", stage])
+        _, _, rss = posttrain(["run", "memory", "--until", stage, "--force", stage])
+        out.append({"stage": kind, "holds": what, "rss_mb": rss, "bytes_per_param": rss * 2**20 / params})
+        print(json.dumps(out[-1]), flush=True)
+    lines = ["| stage kind | what it holds | peak RSS | bytes / parameter |", "|---|---|---|---|"]
+    for r in out:
+        lines.append(f"| `{r['stage']}` | {r['holds']} | {r['rss_mb']:,.0f} MiB | {r['bytes_per_param']:.1f} |")
+    return out, "\n".join(lines)
+
+
+def best_of(runs):
+    """One side's repeated measurements: the best tokens/s, the highest RSS."""
+    best = max(runs, key=lambda r: r["tokens_per_s"])
+    return {**best, "rss_mb": max(r["rss_mb"] for r in runs), "runs": [r["tokens_per_s"] for r in runs]}
+
+
+def side_by_side(ours, theirs):
+    """Each side REPEATS times, taking turns."""
+    a, b = [], []
+    for _ in range(REPEATS):
+        a.append(ours())
+        b.append(theirs())
+    return best_of(a), best_of(b)
 
 
 def posttrain(args, quiet=True):
@@ -211,6 +315,8 @@ def row(name, params, ours, theirs):
         "posttrain_rss_mb": ours["rss_mb"],
         "pytorch_rss_mb": theirs["rss_mb"],
         "rss_ratio": ours["rss_mb"] / theirs["rss_mb"],
+        "posttrain_runs": ours.get("runs", []),
+        "pytorch_runs": theirs.get("runs", []),
     }
 
 
@@ -227,10 +333,12 @@ def main():
     if "shapes" not in PARTS:
         shapes = []
     for i, (name, h, l, nh, kv, inter, seq, batch, steps) in enumerate(shapes):
-        ours = posttrain_train(f"shape{i}", "pretrain", "tokenizer")
-        theirs = torch_side(
-            ["train", "--hidden", h, "--layers", l, "--heads", nh, "--kv", kv, "--inter", inter,
-             "--seq", seq, "--batch", batch, "--steps", steps]
+        ours, theirs = side_by_side(
+            lambda: posttrain_train(f"shape{i}", "pretrain", "tokenizer"),
+            lambda: torch_side(
+                ["train", "--hidden", h, "--layers", l, "--heads", nh, "--kv", kv, "--inter", inter,
+                 "--seq", seq, "--batch", batch, "--steps", steps]
+            ),
         )
         label = f"{name}, seq {seq}, batch {batch}"
         rows.append(row(label, theirs["params"], ours, theirs))
@@ -238,9 +346,11 @@ def main():
     posttrain(["run", "smol", "--until", "base"])
     if not QUICK and "smol" in PARTS:
         for stage, batch in [("sft", SMOL_SFT_BATCH), ("dpo", SMOL_DPO_PAIRS)]:
-            ours = posttrain_train("smol", stage, None)
-            theirs = torch_side(
-                [stage, "--gguf", GGUF, "--seq", SMOL_SEQ, "--batch", batch, "--steps", SMOL_STEPS]
+            ours, theirs = side_by_side(
+                lambda: posttrain_train("smol", stage, None),
+                lambda: torch_side(
+                    [stage, "--gguf", GGUF, "--seq", SMOL_SEQ, "--batch", batch, "--steps", SMOL_STEPS]
+                ),
             )
             what = f"{batch} pair(s)" if stage == "dpo" else f"batch {batch}"
             rows.append(row(f"SmolLM2-135M {stage.upper()}, seq {SMOL_SEQ}, {what}", 134515008, ours, theirs))
@@ -248,14 +358,23 @@ def main():
     prompts_file = os.path.join(WORK, "prompts.json")
     for b in [] if "generate" not in PARTS else [1] if QUICK else [1, 16]:
         json.dump(PROMPTS[:b], open(prompts_file, "w"))
-        ours = posttrain_generate(PROMPTS[:b])
-        theirs = torch_side(
-            ["generate", "--gguf", GGUF, "--prompts", prompts_file, "--max-new-tokens", NEW_TOKENS]
+        ours, theirs = side_by_side(
+            lambda: posttrain_generate(PROMPTS[:b]),
+            lambda: torch_side(
+                ["generate", "--gguf", GGUF, "--prompts", prompts_file, "--max-new-tokens", NEW_TOKENS]
+            ),
         )
         rows.append(row(f"SmolLM2-135M generate, batch {b}, {NEW_TOKENS} new tokens", 134515008, ours, theirs))
         print(json.dumps(rows[-1]), flush=True)
 
-    json.dump({"rows": rows, "seconds": time.time() - started}, open(os.path.join(OUT, "bench.json"), "w"), indent=1)
+    memory, memory_table = memory_part() if "memory" in PARTS else ([], "")
+    if memory:
+        open(os.path.join(OUT, "memory.md"), "w").write(memory_table + "\n")
+    json.dump(
+        {"rows": rows, "memory": memory, "repeats": REPEATS, "seconds": time.time() - started},
+        open(os.path.join(OUT, "bench.json"), "w"),
+        indent=1,
+    )
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(OUT, "bench.parquet"))
     lines = [
         "| case | params | posttrain tokens/s | PyTorch tokens/s | ratio | posttrain peak RSS | PyTorch peak RSS |",
@@ -270,6 +389,8 @@ def main():
     table = "\n".join(lines)
     open(os.path.join(OUT, "bench.md"), "w").write(table + "\n")
     print(table)
+    if memory_table:
+        print(memory_table)
     print(f"({time.time() - started:.0f} s; results/bench-torch/bench.json, bench.parquet, bench.md)")
 
 
