@@ -352,8 +352,10 @@ macro_rules! cpu_kernels {
                 out.put_tape(tape)
             }
 
-            /// Rows of logits computed at once by [`lm_head_fused`].
-            const LM_HEAD_ROWS: usize = 128;
+            /// Rows of logits computed at once by [`lm_head_fused`]: each
+            /// chunk packs the whole head again (49,152 x 576 for SmolLM2), so
+            /// not too few; a chunk's logits are rows x vocab floats.
+            const LM_HEAD_ROWS: usize = 256;
 
             /// log_softmax(h w^T)[targets] chunk by chunk; the backward
             /// recomputes each chunk's logits from h (one more LM-head
