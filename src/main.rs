@@ -217,15 +217,20 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// mimalloc's `purge_delay` option (its index in mimalloc 3's option enum).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Keep freed pages 3 s (mimalloc's default: 1 s; its arenas keep theirs
-/// ten times as long) before handing them back to the kernel, so that a
-/// training step's buffers reuse the pages the last ones freed instead of
-/// faulting in fresh ones the kernel zeroes: that zeroing was 22% of a
-/// SmolLM2 SFT step. Measured on SmolLM2 SFT / DPO (README): 3 s gave most
-/// of the speed of 10 s for less peak RSS (10 s: up to 0.5 GB more). A
-/// user's own `MIMALLOC_PURGE_DELAY` wins.
+/// Keep freed pages 3 s (mimalloc 3's default: 1 s, its arenas the same)
+/// before handing them back to the kernel, so that a training step's
+/// buffers reuse the pages the last ones freed instead of faulting in
+/// fresh ones the kernel zeroes: that zeroing was 22% of a SmolLM2 SFT
+/// step. Measured on SmolLM2 SFT / DPO (README): 3 s gave most of the
+/// speed of 10 s for less peak RSS (10 s: up to 0.5 GB more). A user's own
+/// setting wins: mimalloc's `MIMALLOC_PURGE_DELAY`, or its older name
+/// `MIMALLOC_RESET_DELAY`, in any case (as mimalloc reads them).
 fn keep_freed_memory() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+    let user_set = std::env::vars_os().any(|(name, _)| {
+        let name = name.to_string_lossy().to_ascii_uppercase();
+        name == "MIMALLOC_PURGE_DELAY" || name == "MIMALLOC_RESET_DELAY"
+    });
+    if !user_set {
         // SAFETY: sets one of mimalloc's integer options; any value is valid.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 3_000) };
     }

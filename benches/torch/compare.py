@@ -177,15 +177,16 @@ train = {{ steps = {steps}, batch_size = {batch}, lr = 1e-3, warmup_steps = 0 }}
         open(os.path.join(WORK, "experiments", f"shape{i}.toml"), "w").write(exp)
 
 
-# (stage, kind, what it holds) for the memory part; upstream stages first.
+# (stage, kind, what it holds, upstream stages) for the memory part.
+UPSTREAM = ["world", "base"]
 MEMORY_STAGES = [
-    ("sft", "sft", "policy + AdamW"),
-    ("rm", "reward", "reward model (policy + scalar head) + AdamW"),
-    ("dpo", "dpo", "policy + AdamW; reference log-probs computed before training"),
-    ("kto", "kto", "policy + AdamW; reference log-probs computed before training"),
-    ("orpo", "orpo", "policy + AdamW, no reference"),
-    ("grpo", "grpo", "policy + AdamW + frozen reference; 2 prompts x 4 samples of 32 tokens"),
-    ("ppo", "ppo", "policy + value model, each with AdamW, + frozen reference and reward model; 4 prompts x 32 tokens"),
+    ("sft", "sft", "policy + AdamW", UPSTREAM),
+    ("rm", "reward", "reward model (policy + scalar head) + AdamW", UPSTREAM),
+    ("dpo", "dpo", "policy + AdamW; reference log-probs computed before training", UPSTREAM),
+    ("kto", "kto", "policy + AdamW; reference log-probs computed before training", UPSTREAM),
+    ("orpo", "orpo", "policy + AdamW, no reference", UPSTREAM),
+    ("grpo", "grpo", "policy + AdamW + frozen reference; 2 prompts x 4 samples of 32 tokens", UPSTREAM),
+    ("ppo", "ppo", "policy + value model, each with AdamW, + frozen reference and reward model; 4 prompts x 32 tokens", UPSTREAM + ["rm"]),
 ]
 MEMORY_ROWS = 16
 MEMORY_LEN = 128
@@ -249,8 +250,9 @@ def memory_part():
     """Peak RSS of each stage run alone (its upstream built first)."""
     params = 134515008
     out = []
-    for stage, kind, what in MEMORY_STAGES:
-        posttrain(["run", "memory", "--until", stage])
+    for stage, kind, what, upstream in MEMORY_STAGES:
+        for up in upstream:
+            posttrain(["run", "memory", "--until", up])
         _, _, rss = posttrain(["run", "memory", "--until", stage, "--force", stage])
         out.append({"stage": kind, "holds": what, "rss_mb": rss, "bytes_per_param": rss * 2**20 / params})
         print(json.dumps(out[-1]), flush=True)

@@ -5,7 +5,10 @@
 //! dfdx multiplies through the `gemm` crate, which on stable Rust stops at
 //! AVX2 (8 lanes). This is the BLIS structure with an AVX-512 micro-kernel
 //! (16 lanes, a 12 x 32 tile of C in 24 registers): B is packed into
-//! KC x NR panels, A into MR x KC panels, and the kernel streams both. On a
+//! KC x NR panels and the kernel streams them; A is read where it lies
+//! (row-major or transposed, 12 rows at a time) when the kernel can, and
+//! otherwise (its last rows, strided views, other CPUs) packed into
+//! MR x KC panels. On a
 //! CPU without AVX-512F the same loops run a portable kernel (the compiler
 //! vectorises it for the baseline target), so results never depend on
 //! which path ran beyond rounding order.
@@ -45,7 +48,8 @@ pub trait Scalar:
     /// As [`Scalar::kernel`] for a full MR-row block, but A read where it
     /// lies: element (i, p) at `a[i * rs + p * cs]`, with `rs == 1` or
     /// `cs == 1`. The same sums in the same order as from a packed panel, so
-    /// the same bits. `false`: not done here (the caller packs A instead).
+    /// the same bits. `false`: not done on this type or CPU; callers ask
+    /// [`Scalar::reads_a_in_place`] first and pack A where it says no.
     #[allow(clippy::too_many_arguments)]
     fn kernel_in_place(
         kc: usize,
