@@ -377,6 +377,15 @@ def main():
         open(os.path.join(OUT, "bench.json"), "w"),
         indent=1,
     )
+    if rows:
+        write_speed_table(rows)
+    if memory_table:
+        print(memory_table)
+    print(f"({time.time() - started:.0f} s; results/bench-torch/: bench.json and the tables)")
+
+
+def write_speed_table(rows):
+    """bench.parquet and bench.md (the table README shows), printed too."""
     pq.write_table(pa.Table.from_pylist(rows), os.path.join(OUT, "bench.parquet"))
     lines = [
         "| case | params | posttrain tokens/s | PyTorch tokens/s | ratio | posttrain peak RSS | PyTorch peak RSS |",
@@ -391,9 +400,6 @@ def main():
     table = "\n".join(lines)
     open(os.path.join(OUT, "bench.md"), "w").write(table + "\n")
     print(table)
-    if memory_table:
-        print(memory_table)
-    print(f"({time.time() - started:.0f} s; results/bench-torch/bench.json, bench.parquet, bench.md)")
 
 
 if __name__ == "__main__":
