@@ -57,7 +57,10 @@ bench:
 # posttrain against PyTorch 2 eager + transformers, side by side in one run
 # (benches/torch/compare.py; table in results/bench-torch/). The first run
 # makes a venv with torch and transformers from PyPI in .cache/bench-venv
-# (about 6 GB). Never part of `make test` or CI. BENCH_QUICK=1: two shapes.
+# (about 6 GB). Never part of `make test` or CI. BENCH_QUICK=1: two shapes;
+# BENCH_REPEATS=N (default 2) runs per case, the sides taking turns;
+# BENCH_PARTS=shapes,smol,generate (default), add `memory` for the peak RSS
+# of every training stage kind.
 BENCH_VENV := .cache/bench-venv
 bench-torch: build models $(BENCH_VENV)/.ready
 	$(BENCH_VENV)/bin/python benches/torch/compare.py
