@@ -104,14 +104,16 @@ struct AdapterIn<E> {
 }
 
 impl<E: HostFloat> Adapter<E> {
-    /// The adapter's input x' (m, k): x itself, or x times mask `key`.
-    fn input<'a>(&self, x: &'a [E], key: Option<u64>) -> std::borrow::Cow<'a, [E]> {
-        match key {
+    /// The dropout mask of `key` over `len` elements (none without a key).
+    fn mask(&self, key: Option<u64>, len: usize) -> Option<Vec<E>> {
+        key.map(|key| super::lora::dropout::mask::<E>(key, self.dropout, len))
+    }
+
+    /// The adapter's input x' (m, k): x itself, or x times the mask.
+    fn input<'a>(x: &'a [E], mask: Option<&[E]>) -> std::borrow::Cow<'a, [E]> {
+        match mask {
             None => std::borrow::Cow::Borrowed(x),
-            Some(key) => {
-                let mask = super::lora::dropout::mask::<E>(key, self.dropout, x.len());
-                std::borrow::Cow::Owned(x.iter().zip(&mask).map(|(v, m)| *v * *m).collect())
-            }
+            Some(mask) => x.iter().zip(mask).map(|(v, m)| *v * *m).collect(),
         }
     }
 }
@@ -181,7 +183,8 @@ where
         }
         let xa = self.adapter.as_ref().map(|ad| {
             let mask = super::lora::dropout::next_key(ad.dropout);
-            let input = ad.input(x, mask);
+            let keep = ad.mask(mask, x.len());
+            let input = Adapter::input(x, keep.as_deref());
             let mut xa = vec![E::zero(); m * ad.r];
             let (xv, at) = (View::row_major(&input, k), View::transposed(&ad.a, k));
             gemm(m, ad.r, k, xv, at, &mut xa, false);
@@ -237,17 +240,17 @@ where
             dxa.iter_mut().for_each(|v| *v *= ad.scale);
             // dA (r, k) += d(x' A^T)^T x';  dx += (d(x' A^T) A) * mask
             let ga = grad(grads, &ad.ids.0)?;
-            let input = ad.input(x, *mask);
+            let keep = ad.mask(*mask, m * k);
+            let input = Adapter::input(x, keep.as_deref());
             let xv = View::row_major(&input, k);
             gemm(r, k, m, View::transposed(&dxa, r), xv, ga, true);
             drop(input);
             let dxv = View::row_major(&dxa, r);
-            match mask {
+            match keep {
                 None => gemm(m, k, r, dxv, View::row_major(&ad.a, k), dx, true),
-                Some(key) => {
+                Some(keep) => {
                     let mut dxd = vec![E::zero(); m * k];
                     gemm(m, k, r, dxv, View::row_major(&ad.a, k), &mut dxd, false);
-                    let keep = super::lora::dropout::mask::<E>(*key, ad.dropout, m * k);
                     for ((d, g), w) in dx.iter_mut().zip(&dxd).zip(&keep) {
                         *d += *g * *w;
                     }

@@ -143,83 +143,30 @@ impl Scalar for f32 {
         size: (usize, usize),
         add: bool,
     ) {
-        let mut tile = [0.0f32; MR * NR];
-        if !has_avx512() {
-            kernel_portable(kc, ap, bp, &mut tile);
-        } else if size == (MR, NR) {
-            assert!(
-                ap.len() >= kc * MR && bp.len() >= kc * NR && c.len() > (MR - 1) * ldc + NR - 1
-            );
-            // SAFETY: AVX-512F is present (checked at run time); the
-            // slices hold the panels and the whole block (asserted).
-            unsafe {
-                kernel_avx512::<false>(
-                    kc,
-                    ap.as_ptr(),
-                    (1, MR),
-                    bp.as_ptr(),
-                    c.as_mut_ptr(),
-                    ldc,
-                    add,
-                )
-            };
-            return;
+        if has_avx512() {
+            // A packed panel: element (i, p) at ap[p * MR + i].
+            block_avx512(kc, ap, (1, MR), bp, c, ldc, size, add);
         } else {
-            assert!(ap.len() >= kc * MR && bp.len() >= kc * NR);
-            // SAFETY: as above, into the tile (MR x NR, rows NR apart).
-            unsafe {
-                kernel_avx512::<false>(
-                    kc,
-                    ap.as_ptr(),
-                    (1, MR),
-                    bp.as_ptr(),
-                    tile.as_mut_ptr(),
-                    NR,
-                    false,
-                )
-            };
+            let mut tile = [0.0f32; MR * NR];
+            kernel_portable(kc, ap, bp, &mut tile);
+            write_tile(&tile, c, ldc, size, add);
         }
-        write_tile(&tile, c, ldc, size, add);
     }
     #[inline]
     fn kernel_in_place(
         kc: usize,
         a: &[f32],
-        (rs, cs): (usize, usize),
+        strides: (usize, usize),
         bp: &[f32],
         c: &mut [f32],
         ldc: usize,
         nr: usize,
         add: bool,
     ) -> bool {
-        if !has_avx512() || (rs != 1 && cs != 1) {
+        if !has_avx512() || (strides.0 != 1 && strides.1 != 1) {
             return false;
         }
-        assert!(
-            kc > 0 && a.len() > (MR - 1) * rs + (kc - 1) * cs && bp.len() >= kc * NR,
-            "A's block and B's panel are whole"
-        );
-        let (ap, bp) = (a.as_ptr(), bp.as_ptr());
-        let run = |out: *mut f32, ld: usize, add: bool| {
-            // SAFETY: AVX-512F is present (checked above); A's MR rows and
-            // kc columns and B's panel lie inside the slices (asserted);
-            // `out` is a whole MR x NR block (below).
-            unsafe {
-                if cs == 1 {
-                    kernel_avx512::<true>(kc, ap, (rs, cs), bp, out, ld, add)
-                } else {
-                    kernel_avx512::<false>(kc, ap, (rs, cs), bp, out, ld, add)
-                }
-            }
-        };
-        if nr == NR {
-            assert!(c.len() > (MR - 1) * ldc + NR - 1, "C's block is whole");
-            run(c.as_mut_ptr(), ldc, add);
-        } else {
-            let mut tile = [0.0f32; MR * NR];
-            run(tile.as_mut_ptr(), NR, false);
-            write_tile(&tile, c, ldc, (MR, nr), add);
-        }
+        block_avx512(kc, a, strides, bp, c, ldc, (MR, nr), add);
         true
     }
     fn reads_a_in_place() -> bool {
@@ -547,6 +494,49 @@ fn pack_a<E: Scalar>(a: View<E>, ic: usize, mc: usize, pc: usize, kc: usize, out
                 }
             }
         }
+    }
+}
+
+/// The (mr x nr) corner of the product of A's 12 rows (element (i, p) at
+/// `a[i * rs + p * cs]`, rs or cs 1) and a B panel, written (or added) to
+/// C through the AVX-512 kernel: straight into C for a whole block, else
+/// through a tile. The caller has checked that AVX-512F is present.
+#[allow(clippy::too_many_arguments)]
+fn block_avx512(
+    kc: usize,
+    a: &[f32],
+    (rs, cs): (usize, usize),
+    bp: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    size: (usize, usize),
+    add: bool,
+) {
+    assert!(
+        kc > 0 && a.len() > (MR - 1) * rs + (kc - 1) * cs && bp.len() >= kc * NR,
+        "A's block and B's panel are whole"
+    );
+    debug_assert!(has_avx512() && (rs == 1 || cs == 1));
+    let (ap, bp) = (a.as_ptr(), bp.as_ptr());
+    let run = |out: *mut f32, ld: usize, add: bool| {
+        // SAFETY: AVX-512F is present (the caller checked); A's MR rows and
+        // kc columns and B's panel lie inside the slices (asserted); `out`
+        // is a whole MR x NR block (asserted below, or the tile).
+        unsafe {
+            if cs == 1 {
+                kernel_avx512::<true>(kc, ap, (rs, cs), bp, out, ld, add)
+            } else {
+                kernel_avx512::<false>(kc, ap, (rs, cs), bp, out, ld, add)
+            }
+        }
+    };
+    if size == (MR, NR) {
+        assert!(c.len() > (MR - 1) * ldc + NR - 1, "C's block is whole");
+        run(c.as_mut_ptr(), ldc, add);
+    } else {
+        let mut tile = [0.0f32; MR * NR];
+        run(tile.as_mut_ptr(), NR, false);
+        write_tile(&tile, c, ldc, size, add);
     }
 }
 
