@@ -133,13 +133,7 @@ def write_project():
         ),
         os.path.join(WORK, "data", "long_pairs.parquet"),
     )
-    smol = f"""
-[experiment]
-name = "smol"
-seed = 0
-[stages.base]
-kind = "load"
-path = "models/{os.path.basename(GGUF)}"
+    smol = smol_experiment("smol") + f"""
 [stages.sft]
 kind = "sft"
 from = "base"
@@ -177,6 +171,18 @@ train = {{ steps = {steps}, batch_size = {batch}, lr = 1e-3, warmup_steps = 0 }}
         open(os.path.join(WORK, "experiments", f"shape{i}.toml"), "w").write(exp)
 
 
+def smol_experiment(name):
+    """An experiment's header and its `base` stage: SmolLM2 from its GGUF file."""
+    return f"""
+[experiment]
+name = "{name}"
+seed = 0
+[stages.base]
+kind = "load"
+path = "models/{os.path.basename(GGUF)}"
+"""
+
+
 # (stage, kind, what it holds, upstream stages) for the memory part.
 UPSTREAM = ["world", "base"]
 MEMORY_STAGES = [
@@ -188,6 +194,8 @@ MEMORY_STAGES = [
     ("grpo", "grpo", "policy + AdamW + frozen reference; 2 prompts x 4 samples of 32 tokens", UPSTREAM),
     ("ppo", "ppo", "policy + value model, each with AdamW, + frozen reference and reward model; 4 prompts x 32 tokens", UPSTREAM + ["rm"]),
 ]
+# The stages above that train on the comparisons (the same settings each).
+PAIR_STAGES = ["rm", "dpo", "kto", "orpo"]
 MEMORY_ROWS = 16
 MEMORY_LEN = 128
 
@@ -199,38 +207,19 @@ def memory_experiment():
     train = "train = { steps = 3, batch_size = 4, lr = 1e-6, warmup_steps = 0 }"
     pairs = f'data = {{ stage = "world", file = "comparisons.parquet", {rows} }}\nmax_len = {MEMORY_LEN}\n{train}'
     prompts = f'prompts = {{ stage = "world", file = "prompts_train.parquet", {rows} }}\nsampling = {{ max_new_tokens = 32 }}'
-    return f"""
-[experiment]
-name = "memory"
-seed = 0
-[stages.world]
+    kinds = {stage: kind for stage, kind, _, _ in MEMORY_STAGES}
+    pair_stages = "".join(
+        f'[stages.{st}]\nkind = "{kinds[st]}"\nfrom = "base"\n{pairs}\n' for st in PAIR_STAGES
+    )
+    return smol_experiment("memory") + f"""[stages.world]
 kind = "synth"
-[stages.base]
-kind = "load"
-path = "models/{os.path.basename(GGUF)}"
 [stages.sft]
 kind = "sft"
 from = "base"
 data = {{ stage = "world", file = "demonstrations.parquet", {rows} }}
 max_len = {MEMORY_LEN}
 {train}
-[stages.rm]
-kind = "reward"
-from = "base"
-{pairs}
-[stages.dpo]
-kind = "dpo"
-from = "base"
-{pairs}
-[stages.kto]
-kind = "kto"
-from = "base"
-{pairs}
-[stages.orpo]
-kind = "orpo"
-from = "base"
-{pairs}
-[stages.grpo]
+{pair_stages}[stages.grpo]
 kind = "grpo"
 from = "base"
 gold = "world"
