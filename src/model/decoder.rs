@@ -819,9 +819,7 @@ mod tests {
         let mut cfg = config();
         cfg.mlp_bias = true;
         let mut p = model(&cfg, true);
-        for l in &mut p.layers {
-            l.lora.as_mut().unwrap().dropout = 0.4;
-        }
+        crate::model::lora::tests::set_dropout(&mut p, 0.4);
         check_model(&p);
         // Not vacuous: the masks change the output, and only inside a scope.
         let c = Rope::new(&p, &batch(), &Cpu::default());
@@ -831,9 +829,7 @@ mod tests {
         let plain = decoder(x.retaped::<NoneTape>(), &p, &c).as_vec();
         let masked = dropout::scoped(7, || decoder(x.retaped::<NoneTape>(), &p, &c)).as_vec();
         assert_ne!(plain, masked);
-        for l in &mut p.layers {
-            l.lora.as_mut().unwrap().dropout = 0.0;
-        }
+        crate::model::lora::tests::set_dropout(&mut p, 0.0);
         let off = dropout::scoped(7, || decoder(x.retaped::<NoneTape>(), &p, &c)).as_vec();
         assert_eq!(plain, off);
     }

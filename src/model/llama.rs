@@ -648,9 +648,7 @@ pub(crate) mod tests {
         crate::model::lora::tests::attach_every_target(&mut p);
         let b = batch();
         let without = value(&p, &b);
-        for l in &mut p.layers {
-            l.lora.as_mut().unwrap().dropout = 0.3;
-        }
+        crate::model::lora::tests::set_dropout(&mut p, 0.3);
         assert!(
             (value(&p, &b) - without).abs() > 1e-9,
             "the masks change the loss"

@@ -524,6 +524,13 @@ pub(crate) mod tests {
         perturb_b(p);
     }
 
+    /// Set every layer's LoRA dropout (the model has adapters).
+    pub(crate) fn set_dropout(p: &mut LlamaParams<f64, Cpu>, dropout: f64) {
+        for l in &mut p.layers {
+            l.lora.as_mut().expect("adapters attached").dropout = dropout;
+        }
+    }
+
     /// B away from zero, so A's gradient and the merged update are not zero.
     pub(crate) fn perturb_b<E: Dtype + From<f32>, D: Device<E>>(p: &mut LlamaParams<E, D>) {
         let mut rng = Rng::new(9);
